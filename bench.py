@@ -1,0 +1,540 @@
+"""Benchmark dense greedy decoding against Sparse-to-Dense, on a GPU (or, small, on the CPU).
+
+    python bench.py --video clip.mp4 --model Qwen2-VL-7B-Instruct/   # one video through both decoders, one table
+    python bench.py                                                   # a clip of its own, random weights
+    python bench.py --steps 16384,65536,131072                        # decode-step times against the memory floor
+    python bench.py --documents a.txt b.txt --model real_llm/         # acceptance on long documents (real weights)
+
+Time does not depend on the weights' values, acceptance does: with random weights the tables say so, and next to
+the measured acceptance print what the measured step times would give at a per-token acceptance of 0.5, 0.7, 0.9.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+import load
+import std
+import vision
+from load import Inputs
+
+ACCEPTANCES = (0.5, 0.7, 0.9)
+QUESTIONS = (
+    "Summarize the document above in a few sentences.",
+    "What is the main purpose of this document?",
+    "List three important points the document makes.",
+    "Who would need to read this document, and why?",
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--video", nargs="*", help="video files or image folders (default: a clip of its own)")
+    p.add_argument("--model", help="checkpoint directory or preset (default: a random-weight preset for the device)")
+    p.add_argument("--question", default="Describe what happens in this video.")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--k", type=int, default=1024, help="prunable positions kept per layer and KV head")
+    p.add_argument("--gamma", type=int, default=6, help="tokens drafted per verification")
+    p.add_argument("--draft", default="topk", choices=std.DRAFTS)
+    p.add_argument("--fps", type=float, default=vision.FPS)
+    p.add_argument("--max-frames", type=int, default=vision.MAX_FRAMES)
+    p.add_argument("--clip-seconds", type=float, default=10.0, help="length of the clip made without --video")
+    p.add_argument("--batch", type=int, default=1, help="decode this many prompts together (videos are cycled)")
+    p.add_argument("--sweep", action="store_true", help="also run a grid of k and gamma")
+    p.add_argument("--transformers", action="store_true", help="also time transformers' generate on the prompt")
+    p.add_argument("--steps", help="comma-separated contexts: time decode steps on synthetic caches of these lengths")
+    p.add_argument("--documents", nargs="*", help="text files: measure acceptance with each as the prunable context")
+    p.add_argument("--step-times", help="--steps JSON to project the --documents acceptance onto a GPU")
+    p.add_argument("--json", help="write every number measured here to this file")
+    args = p.parse_args(argv)
+    for name in ("max_new_tokens", "k", "gamma", "batch", "max_frames"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- measurements
+
+
+def read_bandwidth(device) -> float:
+    """Bytes per second one kernel reads from device memory (a sum over 4 GiB): the decoder's ceiling."""
+    if device.type != "cuda":
+        x = torch.ones(2**27, dtype=torch.float32)
+        return x.nbytes / (median_ms(lambda: x.sum(), reps=5) / 1e3)
+    x = torch.ones(2**31, dtype=torch.bfloat16, device=device)
+    return x.nbytes / (median_ms(lambda: x.sum(), reps=20) / 1e3)
+
+
+def median_ms(fn, reps: int = 50, before=None) -> float:
+    """Median time of fn() in milliseconds, by CUDA events on a GPU (before() runs untimed ahead of each call)."""
+    cuda = torch.cuda.is_available()
+    times = []
+    for _ in range(reps + 3):
+        if before:
+            before()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times[3:])
+
+
+def weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads: every decoder layer and the head (one embedding row aside)."""
+    tensors = {id(t): t for m in (model.layers, model.norm, model.lm_head) for t in (*m.parameters(), *m.buffers())}
+    return sum(t.nbytes for t in tensors.values())
+
+
+def kv_bytes_per_token(model) -> int:
+    c = model.config
+    return 2 * c.n_layers * c.n_kv_heads * c.head_dim * model.dtype.itemsize
+
+
+def expected_tokens(alpha: float, gamma: int) -> float:
+    """Tokens a round emits when each draft is accepted with probability alpha, independently."""
+    return (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+def projected_speedup(alpha, gamma, dense_ms, draft_ms, verify_ms) -> float:
+    return expected_tokens(alpha, gamma) * dense_ms / (gamma * draft_ms + verify_ms)
+
+
+def peak_memory(device) -> int | None:
+    return torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+
+
+def fmt_gb(n) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def make_clip(path: str, seconds: float, fps: int = 4, width: int = 640, height: int = 360) -> None:
+    """A synthetic mp4: moving rectangles on a drifting background, so frames differ."""
+    try:
+        import av
+    except ImportError:
+        sys.exit("making a clip needs PyAV (pip install av), or pass --video with your own file or image folder")
+    rng = np.random.default_rng(0)
+    boxes = rng.integers(0, 255, (6, 5))
+    with av.open(path, "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        yy, xx = np.mgrid[0:height, 0:width]
+        for i in range(max(2, int(seconds * fps))):
+            frame = np.stack([(xx + 3 * i) % 256, (yy + 2 * i) % 256, (xx + yy + i) % 256], -1).astype(np.uint8)
+            for x, y, r, g, b in boxes:
+                x0, y0 = int(x + 9 * i) % (width - 60), int(y + 5 * i) % (height - 60)
+                frame[y0 : y0 + 60, x0 : x0 + 60] = (r, g, b)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def video_prompt(video, processor, config, question, fps, max_frames, seed=0):
+    """-> (inputs, frames, seconds spent decoding and preprocessing the video)."""
+    start = time.perf_counter()
+    frames = vision.load_frames(video, fps, max_frames)
+    pixel_values, grid = vision.preprocess(frames, config.vision)
+    seconds = time.perf_counter() - start
+    if processor is not None:
+        return processor.prompt(question, pixel_values, grid), len(frames), seconds
+    # Random weights have no tokenizer: the system prompt and question become random text token ids.
+    rng = np.random.default_rng(seed)
+    text = lambda n: rng.integers(0, min(config.image_token_id, config.vocab_size) - 16, n).tolist()
+    n_visual = int(grid.prod()) // config.vision.spatial_merge_size**2
+    ids = (text(20) + [config.vision_start_token_id] + [config.video_token_id] * n_visual
+           + [config.vision_end_token_id] + text(24))
+    return Inputs(torch.tensor(ids), pixel_values, grid), len(frames), seconds
+
+
+# ---------------------------------------------------------------------------------------------- video mode
+
+
+def run(model, inputs, args, device, **kw):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    results = std.generate(model, inputs, args.max_new_tokens, **kw)
+    return results, peak_memory(device)
+
+
+def per_token_ms(result) -> float:
+    s = result.stats
+    return 1e3 * (s.draft_s + s.verify_s) / max(1, len(result.tokens) - 1)  # the first token comes from prefill
+
+
+def step_ms(result, gamma):
+    """Per-step times of a speculative run: one draft step, one verify step."""
+    s, rounds = result.stats, max(1, result.stats.rounds - 1)
+    return 1e3 * s.draft_s / (gamma * rounds), 1e3 * s.verify_s / rounds
+
+
+def first_difference(model, inputs, dense, sparse):
+    """MATCH, or the first index where the outputs differ and the dense model's top-2 logit margin there."""
+    if dense == sparse:
+        return "MATCH", None, None
+    i = next((j for j, (a, b) in enumerate(zip(dense, sparse)) if a != b), min(len(dense), len(sparse)))
+    with torch.inference_mode():
+        ids = torch.cat([inputs.input_ids, torch.tensor(dense[:i], dtype=torch.long)])
+        top = model(Inputs(ids, inputs.pixel_values, inputs.grid_thw))[-1].float().topk(2).values
+    margin = float(top[0] - top[1])
+    return f"DIFFER at token {i} (dense top-2 margin {margin:.3g})", i, margin
+
+
+def video_mode(args, model, processor, device, random_weights):
+    videos = args.video
+    if not videos:
+        clip = os.path.join(tempfile.mkdtemp(), "clip.mp4")
+        make_clip(clip, args.clip_seconds)
+        videos = [clip]
+        print(f"no --video: made a {args.clip_seconds:g} s clip of 640x360 frames")
+    prompts = []
+    for b in range(args.batch):
+        print(f"decoding video {videos[b % len(videos)]} ...", file=sys.stderr)
+        prompts.append(video_prompt(videos[b % len(videos)], processor, model.config, args.question, args.fps,
+                                    args.max_frames, seed=b))
+    batch = [p[0] for p in prompts]
+    bandwidth = read_bandwidth(device)
+    report = dict(device=describe(device), model=args.model, random_weights=random_weights, runs=[],
+                  read_bandwidth=bandwidth)
+
+    print("warming up (compiles the decode steps on a GPU) ...", file=sys.stderr)
+    warm = [Inputs(p.input_ids, p.pixel_values, p.grid_thw) for p in batch]
+    std.generate(model, warm, min(4, args.max_new_tokens))
+    std.generate(model, warm, min(2 * args.gamma + 2, args.max_new_tokens), k=args.k, gamma=args.gamma,
+                 draft=args.draft)
+
+    configs = [(args.k, args.gamma)]
+    if args.sweep:
+        configs += [(k, g) for k in (256, 512, 1024, 2048, 4096) for g in (2, 4, 6, 9) if (k, g) != configs[0]]
+    print("dense decoding ...", file=sys.stderr)
+    alone = [run(model, p, args, device) for p in batch] if args.batch > 1 else None
+    dense, dense_peak = run(model, batch, args, device)
+    for k, gamma in configs:
+        print(f"Sparse-to-Dense k={k} gamma={gamma} ...", file=sys.stderr)
+        sparse, sparse_peak = run(model, batch, args, device, k=k, gamma=gamma, draft=args.draft)
+        for b, (inputs, frames, decode_s) in enumerate(prompts):
+            reference = alone[b][0][0] if alone else dense[b]
+            verdict, index, margin = first_difference(model, inputs, reference.tokens, sparse[b].tokens)
+            entry = describe_run(model, inputs, frames, decode_s, dense[b], sparse[b], k, gamma, bandwidth)
+            entry.update(sequence=b, batch=args.batch, draft=args.draft, match=index is None, verdict=verdict,
+                         first_difference=index, margin=margin, dense_peak_bytes=dense_peak,
+                         std_peak_bytes=sparse_peak)
+            report["runs"].append(entry)
+    if args.transformers:
+        report["transformers"] = transformers_times(args, model, batch[0], device)
+    print_video_report(report, args)
+    return report
+
+
+def describe_run(model, inputs, frames, decode_s, dense, sparse, k, gamma, bandwidth):
+    context = len(inputs.input_ids)
+    n_visual = int(model.visual_mask(inputs.input_ids).sum())
+    dense_ms, sparse_ms = per_token_ms(dense), per_token_ms(sparse)
+    draft_ms, verify_ms = step_ms(sparse, gamma)
+    floor_ms = 1e3 * (weight_bytes(model) + kv_bytes_per_token(model) * context) / bandwidth
+    s, d = sparse.stats, dense.stats
+    end_to_end = lambda st: decode_s + st.vision_s + st.prefill_s + st.select_s + st.draft_s + st.verify_s
+    return dict(
+        k=k, gamma=gamma, frames=frames, visual_tokens=n_visual, context=context, video_decode_s=decode_s,
+        vision_s=d.vision_s, prefill_s=d.prefill_s, select_s=s.select_s, capture_s=s.capture_s,
+        dense_tokens=len(dense.tokens), std_tokens=len(sparse.tokens), dense_ms_per_token=dense_ms,
+        std_ms_per_token=sparse_ms, draft_step_ms=draft_ms, verify_step_ms=verify_ms,
+        acceptance=s.acceptance_rate, tokens_per_round=s.tokens_per_round, speedup=dense_ms / sparse_ms,
+        dense_decode_s=d.draft_s + d.verify_s, std_decode_s=s.draft_s + s.verify_s,
+        dense_end_to_end_s=end_to_end(d), std_end_to_end_s=end_to_end(s), floor_ms=floor_ms,
+        fraction_of_floor=floor_ms / dense_ms,
+        projected={str(a): projected_speedup(a, gamma, dense_ms, draft_ms, verify_ms) for a in ACCEPTANCES},
+    )
+
+
+def print_video_report(report, args):
+    if report["random_weights"]:
+        print("\n" + "!" * 100 + "\n!! RANDOM WEIGHTS: times are real, acceptance and outputs are not a property of the"
+              " method.\n!! The projection rows show what these step times give at a per-token acceptance.\n"
+              + "!" * 100)
+    print(f"\n{report['device']}, model {report['model']}, read bandwidth {report['read_bandwidth'] / 1e12:.2f} TB/s")
+    rows = [("frames", "frames", "{}"), ("visual tokens", "visual_tokens", "{}"), ("context", "context", "{}"),
+            ("video decode s", "video_decode_s", "{:.2f}"), ("vision encoder s", "vision_s", "{:.2f}"),
+            ("prefill s", "prefill_s", "{:.2f}"), ("selection s", "select_s", "{:.3f}"),
+            ("compile+capture s", "capture_s", "{:.1f}"), ("dense ms/token", "dense_ms_per_token", "{:.2f}"),
+            ("StD ms/token", "std_ms_per_token", "{:.2f}"), ("draft step ms", "draft_step_ms", "{:.2f}"),
+            ("verify step ms", "verify_step_ms", "{:.2f}"), ("acceptance", "acceptance", "{:.1%}"),
+            ("tokens/round", "tokens_per_round", "{:.2f}"), ("speedup", "speedup", "{:.2f}x"),
+            ("dense / floor", "fraction_of_floor", "{:.0%}")]
+    runs = report["runs"]
+    header = f"{'':22}" + "".join(f"{'seq ' + str(r['sequence']) + ' k=' + str(r['k']) + ' g=' + str(r['gamma']):>22}"
+                                  for r in runs)
+    print(header)
+    for label, key, f in rows:
+        print(f"{label:22}" + "".join(f"{f.format(r[key]) if r[key] is not None else '-':>22}" for r in runs))
+    print(f"{'dense peak memory':22}" + "".join(f"{fmt_gb(r['dense_peak_bytes']):>22}" for r in runs))
+    print(f"{'StD peak memory':22}" + "".join(f"{fmt_gb(r['std_peak_bytes']):>22}" for r in runs))
+    for a in ACCEPTANCES:
+        print(f"{'projected @ ' + str(a):22}" + "".join(f"{r['projected'][str(a)]:>21.2f}x" for r in runs))
+    print(f"{'output':22}" + "".join(f"{'MATCH' if r['match'] else 'DIFFER @' + str(r['first_difference']):>22}"
+                                     for r in runs))
+    for r in runs:
+        if not r["match"]:
+            print(f"sequence {r['sequence']} k={r['k']} gamma={r['gamma']}: {r['verdict']}")
+    if args.batch > 1:
+        first = [r for r in runs if r["k"] == args.k and r["gamma"] == args.gamma]
+        tokens_d, tokens_s = sum(r["dense_tokens"] for r in first), sum(r["std_tokens"] for r in first)
+        print(f"batch of {args.batch}: dense {tokens_d / first[0]['dense_decode_s']:.1f} tokens/s, "
+              f"StD {tokens_s / first[0]['std_decode_s']:.1f} tokens/s (decode only, all sequences)")
+    hf = report.get("transformers")
+    if hf:
+        print(f"transformers generate: {hf['ms_per_token']:.2f} ms/token decode ({hf['attn']}), "
+              f"{hf['prefill_s']:.2f} s to the first token")
+
+
+def transformers_times(args, model, inputs, device):
+    """Decode ms/token of transformers' generate on the same prompt: (time for 1 + n tokens - time for 1) / n."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    print("transformers generate ...", file=sys.stderr)
+    if os.path.isdir(str(args.model)):
+        hf = Qwen2VLForConditionalGeneration.from_pretrained(args.model, dtype=model.dtype, device_map=str(device),
+                                                             attn_implementation="sdpa")
+    else:  # the same shape with its own random weights: time does not depend on the values
+        with torch.device(device):
+            hf = Qwen2VLForConditionalGeneration._from_config(transformers_config(model.config), dtype=model.dtype,
+                                                             attn_implementation="sdpa")
+    hf.eval()
+    ids = inputs.input_ids[None].to(device)
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                  pixel_values_videos=inputs.pixel_values.to(device), video_grid_thw=inputs.grid_thw.to(device),
+                  mm_token_type_ids=(ids == model.config.video_token_id).int() * 2)
+    n = args.max_new_tokens
+
+    def timed(tokens):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            hf.generate(**kwargs, max_new_tokens=tokens, min_new_tokens=tokens)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    timed(2)  # warm-up
+    one, many = timed(1), timed(1 + n)
+    del hf
+    torch.cuda.empty_cache()
+    return dict(ms_per_token=1e3 * (many - one) / n, prefill_s=one, attn="sdpa", tokens=n)
+
+
+def transformers_config(c):
+    from transformers import Qwen2VLConfig
+
+    v = c.vision
+    return Qwen2VLConfig(
+        text_config=dict(hidden_size=c.dim, intermediate_size=c.intermediate_size, num_hidden_layers=c.n_layers,
+                         num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, vocab_size=c.vocab_size,
+                         rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings,
+                         rope_scaling={"type": "mrope", "mrope_section": list(c.mrope_section)}),
+        vision_config=dict(depth=v.depth, embed_dim=v.embed_dim, hidden_size=v.hidden_size, num_heads=v.num_heads,
+                           mlp_ratio=v.mlp_ratio),
+        image_token_id=c.image_token_id, video_token_id=c.video_token_id, tie_word_embeddings=c.tie_embeddings,
+        vision_start_token_id=c.vision_start_token_id, vision_end_token_id=c.vision_end_token_id,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- steps mode
+
+
+def steps_mode(args, model, device, contexts):
+    """Time one dense step, one draft step of each kind and one verify step per gamma on synthetic caches.
+
+    Each step is what decoding runs (a CUDA graph of compiled layers on a GPU). The verify step is the same for every
+    draft kind (the dense model over gamma + 1 tokens), so it is timed once per gamma.
+    """
+    compile = device.type == "cuda"
+    bandwidth = read_bandwidth(device)
+    weights, per_token = weight_bytes(model), kv_bytes_per_token(model)
+    B, text, reps = args.batch, 64, 30 if compile else 3  # the draft keeps k prunable positions + 64 text tokens
+    gammas = sorted({2, 4, 6, 8, args.gamma})
+    report = dict(device=describe(device), model=args.model, read_bandwidth=bandwidth, weight_bytes=weights,
+                  kv_bytes_per_token=per_token, batch=B, k=args.k, draft_text_tokens=text, rows=[])
+    for context in contexts:
+        print(f"context {context} ...", file=sys.stderr)
+        room = 2 * (max(gammas) + 1)
+        dense = model.new_cache(B, context + room)
+        topk_cache = model.new_cache(B, args.k + text + room)
+        for t in dense.k + dense.v + topk_cache.k + topk_cache.v:
+            t.normal_()
+
+        def timed(fn, *caches_and_lengths):
+            def reset():  # every replay starts from the same lengths
+                for cache, length in caches_and_lengths:
+                    cache.lengths.fill_(length)
+            return median_ms(fn, reps, before=reset)
+
+        state = std.DecodeState([0] * B, [context] * B, max(gammas), device)
+        dense_ms = timed(std.make_steps(model, dense, None, state, 1, compile)["dense"], (dense, context))
+        floor_ms = 1e3 * (weights + per_token * context * B) / bandwidth
+        row = dict(context=context, dense_ms=dense_ms, dense_floor_ms=floor_ms, fraction_of_floor=floor_ms / dense_ms,
+                   dense_cache_bytes=dense.nbytes(), draft_cache_bytes=topk_cache.nbytes(), verify_ms={}, drafts={})
+        topk = std.Draft(model, topk_cache)
+        for gamma in gammas:
+            s = std.DecodeState([0] * B, [context] * B, gamma, device)
+            verify = std.make_steps(model, dense, topk, s, gamma, compile)["verify"]
+            row["verify_ms"][gamma] = timed(verify, (dense, context), (topk_cache, args.k + text))
+        half = model.config.n_layers // 2
+        drafts = {"topk": (topk, weights),
+                  "topk-int8": (std.Draft(std.quantized_drafter(model, 8), topk_cache), None),
+                  "topk-int4": (std.Draft(std.quantized_drafter(model, 4), topk_cache), None),
+                  "layerskip": (std.Draft(model, dense.first_layers(half), n_layers=half, mirror=False),
+                                (weights + per_token * context * B) * half / model.config.n_layers)}
+        for kind, (draft, floor_bytes) in drafts.items():
+            floor_bytes = floor_bytes or weight_bytes(draft.model)
+            s = std.DecodeState([0] * B, [context] * B, args.gamma, device)
+            step = std.make_steps(model, dense, draft, s, args.gamma, compile)["draft"]
+            length = context if kind == "layerskip" else args.k + text
+            draft_ms = timed(step, (draft.cache, length), (dense, context)) / args.gamma
+            row["drafts"][kind] = dict(draft_ms=draft_ms, floor_ms=1e3 * floor_bytes / bandwidth,
+                                       extra_bytes=std.extra_bytes(model, kind), projected={
+                                           str(a): {g: projected_speedup(a, g, dense_ms, draft_ms, v)
+                                                    for g, v in row["verify_ms"].items()} for a in ACCEPTANCES})
+        report["rows"].append(row)
+        del dense, topk_cache, drafts, topk, state
+        if compile:
+            torch.cuda.empty_cache()
+    print_steps_report(report, args)
+    return report
+
+
+def print_steps_report(report, args):
+    print(f"\n{report['device']}, model {report['model']} (random weights), batch {report['batch']}, "
+          f"read bandwidth {report['read_bandwidth'] / 1e12:.2f} TB/s, weights {report['weight_bytes'] / 1e9:.2f} GB, "
+          f"draft cache k={report['k']} + {report['draft_text_tokens']} text")
+    g = args.gamma
+    print(f"{'context':>8} {'dense ms':>9} {'floor ms':>9} {'floor %':>8} {f'verify(g={g})':>12} {'/dense':>7} | "
+          f"{'draft':>10} {'step ms':>8} {'floor ms':>9} {'/floor':>7} | projected speedup at gamma={g}, acceptance "
+          + " ".join(str(a) for a in ACCEPTANCES))
+    for row in report["rows"]:
+        for i, (kind, d) in enumerate(row["drafts"].items()):
+            verify = row["verify_ms"][g]
+            head = (f"{row['context']:>8} {row['dense_ms']:>9.2f} {row['dense_floor_ms']:>9.2f} "
+                    f"{row['fraction_of_floor']:>8.0%} {verify:>12.2f} {verify / row['dense_ms']:>7.2f}") if i == 0 \
+                else " " * 57
+            print(f"{head} | {kind:>10} {d['draft_ms']:>8.2f} {d['floor_ms']:>9.2f} {d['draft_ms'] / d['floor_ms']:>7.2f}"
+                  " | " + " ".join(f"{d['projected'][str(a)][g]:>5.2f}x" for a in ACCEPTANCES))
+    print("floors: bytes a step must read / read bandwidth. dense: weights + cache; top-k drafts: their weights "
+          "(the small cache aside); layerskip: half the weights and half the cache")
+
+
+# ---------------------------------------------------------------------------------------------- documents mode
+
+
+def documents_mode(args, model, processor, device):
+    """Acceptance with real weights: each document is the prunable context of a question about it."""
+    if processor is None:
+        sys.exit("--documents needs a checkpoint with tokenizer.json")
+    configs = [("topk", k, g) for k in (256, 512, 1024) for g in (2, 4, 6, 8)]
+    configs += [(kind, 512, g) for kind in ("topk-int8", "topk-int4", "streaming") for g in (4, 6)]
+    configs += [("layerskip", None, g) for g in (4, 6)]
+    step_times = json.loads(open(args.step_times).read()) if args.step_times else None
+    totals = {c: dict(accepted=0, drafted=0, tokens=0, rounds=0, prompts=0, matches=0) for c in configs}
+    prompts = []
+    for path in args.documents:
+        document = processor.encode(open(path, encoding="utf-8", errors="replace").read())[:8192]
+        if len(document) < 2048:
+            print(f"skipping {path}: {len(document)} tokens, fewer than 2048", file=sys.stderr)
+            continue
+        for question in QUESTIONS:
+            head = processor.encode(f"<|im_start|>system\n{processor.system}<|im_end|>\n<|im_start|>user\n"
+                                    "Read this document.\n\n")
+            tail = processor.encode(f"\n\n{question}<|im_end|>\n<|im_start|>assistant\n")
+            select = torch.zeros(len(head) + len(document) + len(tail), dtype=torch.bool)
+            select[len(head) : len(head) + len(document)] = True
+            prompts.append((path, question, Inputs(torch.tensor(head + document + tail)), select))
+    for n, (path, question, inputs, select) in enumerate(prompts, 1):
+        print(f"[{n}/{len(prompts)}] {os.path.basename(path)} ({len(inputs.input_ids)} tokens): {question}",
+              file=sys.stderr)
+        dense = std.generate(model, inputs, args.max_new_tokens).tokens
+        for c in configs:
+            kind, k, gamma = c
+            r = std.generate(model, inputs, args.max_new_tokens, k=k, gamma=gamma, draft=kind,
+                             select=None if kind == "layerskip" else select)
+            t = totals[c]
+            t["accepted"] += r.stats.accepted
+            t["drafted"] += r.stats.drafted
+            t["tokens"] += len(r.tokens)
+            t["rounds"] += r.stats.rounds
+            t["prompts"] += 1
+            t["matches"] += r.tokens == dense
+    report = dict(device=describe(device), model=args.model, prompts=len(prompts), max_new_tokens=args.max_new_tokens,
+                  documents=args.documents, configs=[])
+    print(f"\n{len(prompts)} prompts, {args.max_new_tokens} new tokens at most; acceptance and tokens per round are "
+          "ratios of sums over the prompts")
+    header = f"{'draft':>10} {'k':>5} {'gamma':>5} {'acceptance':>10} {'tok/round':>9} {'match':>6}"
+    if step_times:
+        contexts = [row["context"] for row in step_times["rows"]]
+        header += " | projected speedup on " + step_times["model"] + " at " + ", ".join(map(str, contexts))
+    print(header)
+    for (kind, k, gamma), t in totals.items():
+        acceptance = t["accepted"] / max(1, t["drafted"])
+        tpr = t["tokens"] / max(1, t["rounds"] - t["prompts"])  # rounds after each prompt's prefill
+        entry = dict(draft=kind, k=k, gamma=gamma, acceptance=acceptance, tokens_per_verification=tpr,
+                     match=t["matches"], prompts=t["prompts"], projected={})
+        line = f"{kind:>10} {str(k):>5} {gamma:>5} {acceptance:>10.1%} {tpr:>9.2f} {t['matches']:>3}/{t['prompts']}"
+        if step_times:
+            for row in step_times["rows"]:
+                d = row["drafts"]["topk" if kind == "streaming" else kind]  # streaming: the top-k draft's step
+                verify = row["verify_ms"].get(str(gamma))
+                if verify is not None:
+                    entry["projected"][row["context"]] = tpr * row["dense_ms"] / (gamma * d["draft_ms"] + verify)
+            line += " | " + " ".join(f"{v:.2f}x" for v in entry["projected"].values())
+        print(line)
+        report["configs"].append(entry)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def describe(device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return f"{name}, torch {torch.__version__}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.model is None:
+        big = device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory > 40e9
+        args.model = "qwen2-vl-7b" if big else "qwen2-vl-2b" if device.type == "cuda" else "tiny"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    random_weights = args.model in load.PRESETS
+    print(f"loading {args.model} on {device} ...", file=sys.stderr)
+    model, processor = load.load(args.model, device=device, dtype=dtype)
+    if args.steps:
+        report = steps_mode(args, model, device, [int(c) for c in args.steps.split(",")])
+    elif args.documents:
+        report = documents_mode(args, model, processor, device)
+    else:
+        report = video_mode(args, model, processor, device, random_weights)
+    report["command"] = " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:]))
+    report["date"] = time.strftime("%Y-%m-%d")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,395 @@
+"""Qwen2-VL in plain PyTorch: the Qwen2 language model with M-RoPE, a static KV cache, and the vision tower.
+
+Shapes: B batch, T new tokens, L prompt length, S cache capacity, D head dim, Hq query heads, Hkv key/value heads.
+Two forwards share the weights:
+    prefill(one prompt)    -> fills one row of a KVCache; attention through SDPA (flash on a GPU)
+    decode(tokens [B, T])  -> appends T tokens to every row at that row's own length; fixed shapes, so it can be
+                              compiled and captured in a CUDA graph; attention through a split-KV Triton kernel on a GPU
+"""
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vision import VisionConfig, VisionTransformer, rotate_half
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: decode attention then runs through SDPA with a mask
+    triton = None
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 152064
+    dim: int = 3584
+    n_layers: int = 28
+    n_heads: int = 28
+    n_kv_heads: int = 4
+    intermediate_size: int = 18944
+    rope_theta: float = 1e6
+    norm_eps: float = 1e-6
+    mrope_section: tuple[int, int, int] = (16, 24, 24)  # frequencies driven by the t, h and w position
+    tie_embeddings: bool = False
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    stop_token_ids: tuple[int, ...] = (151645, 151643)  # <|im_end|>, <|endoftext|>
+    vision: VisionConfig = field(default_factory=VisionConfig)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def __post_init__(self):
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"dim {self.dim}, heads {self.n_heads}, kv heads {self.n_kv_heads} do not divide")
+        if 2 * sum(self.mrope_section) != self.head_dim:
+            raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim / 2 = {self.head_dim // 2}")
+
+
+# ---------------------------------------------------------------------------------------------- KV cache
+
+
+class LayerCache(NamedTuple):
+    k: torch.Tensor  # [B, Hkv, S, D]
+    v: torch.Tensor  # [B, Hkv, S, D]
+    lengths: torch.Tensor  # [B] filled slots per sequence
+    splits: int = 1  # parallel pieces the GPU kernel cuts the filled slots into (a constant of the cache)
+
+
+class KVCache:
+    """Static keys/values of every layer, written at explicit slots, with each sequence's filled length.
+
+    A decode forward writes its T tokens at slots lengths[b] .. lengths[b] + T - 1 and leaves `lengths` alone:
+    the caller keeps what it accepts by raising `lengths`, and rolls back by not raising it. Nothing is copied.
+    Keys are stored after rotation, so a slot keeps its token's position wherever the slot is.
+    """
+
+    def __init__(self, n_layers, batch, n_kv_heads, capacity, head_dim, dtype, device):
+        shape = (batch, n_kv_heads, capacity, head_dim)
+        # Zeros, not empty: the masked SDPA path multiplies unfilled slots by a zero weight, and 0 * NaN is NaN.
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        # About 256 slots a piece, and at most ~512 pieces in all (four waves of an H100's 132 multiprocessors).
+        self.splits = min(-(-512 // (batch * n_kv_heads)), 1 << max(0, math.ceil(math.log2(capacity / 256))))
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    def layer(self, i: int) -> LayerCache:
+        return LayerCache(self.k[i], self.v[i], self.lengths, self.splits)
+
+    def first_layers(self, n: int) -> "KVCache":
+        """The first n layers' storage, shared, with lengths of its own (an early-exit draft reads it)."""
+        view = object.__new__(KVCache)
+        view.k, view.v, view.lengths, view.splits = self.k[:n], self.v[:n], self.lengths.clone(), self.splits
+        return view
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.k + self.v)
+
+
+# ---------------------------------------------------------------------------------------------- attention kernels
+
+
+def attend_cache(q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+    """q [B, T, Hq, D] of tokens at slots lengths..lengths+T-1 (already written) -> [B, T, Hq * D], causal."""
+    if q.is_cuda:
+        return decode_attention(q, cache.k, cache.v, cache.lengths, cache.splits)
+    B, T = q.shape[:2]
+    slots = torch.arange(cache.k.shape[2], device=q.device)
+    visible = slots <= (cache.lengths[:, None, None] + torch.arange(T, device=q.device)[:, None])  # [B, T, S]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k, cache.v, attn_mask=visible[:, None], enable_gqa=True)
+    return out.transpose(1, 2).reshape(B, T, -1)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_attention_kernel(
+        Q, K, V, Lengths, Out, Lse, scale, n_kv_heads,
+        sqb, sqt, sqh, skb, skh, sks, svb, svh, svs, sob, soh, sos, sor, slb, slh, sls,
+        T: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # One program: one sequence, one KV head, one split of the filled slots. Its rows are the T new tokens
+        # times the GROUP query heads that share the KV head, so each key and value is read once for all of them.
+        pid, split = tl.program_id(0), tl.program_id(1)
+        b, h = pid // n_kv_heads, pid % n_kv_heads
+        rows = tl.arange(0, ROWS)
+        t, g = rows // GROUP, rows % GROUP
+        d = tl.arange(0, HEAD_DIM)
+        q = tl.load(Q + b * sqb + t[:, None] * sqt + (h * GROUP + g)[:, None] * sqh + d[None, :],
+                    mask=(rows < T * GROUP)[:, None], other=0.0)
+        length = tl.load(Lengths + b)
+        n_keys = length + T
+        # Splits follow the filled length, not the capacity: every split has work and nothing past it is read.
+        chunk = tl.cdiv(tl.cdiv(n_keys, N_SPLITS), BLOCK_N) * BLOCK_N
+        start = split * chunk
+        end = tl.minimum(start + chunk, n_keys)
+        visible_end = length + t + 1  # row t sees the cache and the new tokens up to itself
+        m = tl.full([ROWS], float("-inf"), tl.float32)
+        l = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+        for s in range(start, end, BLOCK_N):
+            slots = s + tl.arange(0, BLOCK_N)
+            in_range = (slots < end)[:, None]
+            k = tl.load(K + b * skb + h * skh + slots[:, None] * sks + d[None, :], mask=in_range, other=0.0)
+            v = tl.load(V + b * svb + h * svh + slots[:, None] * svs + d[None, :], mask=in_range, other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            scores = tl.where(slots[None, :] < visible_end[:, None], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(scores - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
+            l = l * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m = m_new
+        out = tl.where(l[:, None] > 0, acc / l[:, None], 0.0)
+        tl.store(Out + b * sob + h * soh + split * sos + rows[:, None] * sor + d[None, :], out)
+        tl.store(Lse + b * slb + h * slh + split * sls + rows, m + tl.log(l))  # -inf for an empty split
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, n_splits: int):
+    """Split-KV ("flash decoding") attention of T new tokens over a static cache; see attend_cache.
+
+    The launch shape is fixed (it is captured in CUDA graphs); each program finds its piece of the filled slots
+    from `lengths` on the device, so the pieces follow the length as it grows and nothing past it is read.
+    """
+    if triton is None:
+        raise ImportError("decode attention on a GPU needs Triton (it ships with CUDA builds of PyTorch)")
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    group = Hq // Hkv
+    if D < 16 or D & (D - 1):
+        raise NotImplementedError(f"the Triton decode kernel needs a power-of-two head_dim >= 16, got {D}")
+    rows = max(16, triton.next_power_of_2(T * group))
+    block_n = 64
+    out = torch.empty(B, Hkv, n_splits, rows, D, device=q.device, dtype=torch.float32)
+    lse = torch.empty(B, Hkv, n_splits, rows, device=q.device, dtype=torch.float32)
+    _decode_attention_kernel[(B * Hkv, n_splits)](
+        q, k, v, lengths, out, lse, 1.0 / math.sqrt(D), Hkv,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), *out.stride()[:4], *lse.stride()[:3],
+        T=T, GROUP=group, ROWS=rows, HEAD_DIM=D, BLOCK_N=block_n, N_SPLITS=n_splits,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    weights = torch.softmax(lse, dim=2)  # merge the splits by their log-sum-exp
+    merged = (weights[..., None] * out).sum(2)[:, :, : T * group]  # [B, Hkv, T * group, D]
+    return merged.view(B, Hkv, T, group, D).transpose(1, 2).reshape(B, T, Hq * D).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    xf = x.to(cos.dtype)
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        # q, k and v projections in one matrix: one read of the weights per step instead of three.
+        self.qkv = nn.Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        B, T, _ = x.shape
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        return q, k, v.view(B, T, self.n_kv_heads, self.head_dim)
+
+    def forward(self, x, cos, sin, cache: LayerCache, mirror: LayerCache | None = None) -> torch.Tensor:
+        q, k, v = self.project(x, cos, sin)
+        B, T = x.shape[:2]
+        for c in (cache, mirror) if mirror is not None else (cache,):
+            slots = (c.lengths[:, None] + torch.arange(T, device=x.device))[:, None, :, None]
+            slots = slots.expand(B, self.n_kv_heads, T, self.head_dim)
+            c.k.scatter_(2, slots, k.transpose(1, 2))
+            c.v.scatter_(2, slots, v.transpose(1, 2))
+        return self.o_proj(attend_cache(q, cache))
+
+    def prefill(self, x, cos, sin, k_cache, v_cache, row: int, query_rows):
+        q, k, v = self.project(x, cos, sin)  # x: [1, L, dim]
+        L = x.shape[1]
+        k_cache[row, :, :L] = k[0].transpose(0, 1)
+        v_cache[row, :, :L] = v[0].transpose(0, 1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        )
+        queries = q[0, query_rows] if query_rows is not None else None
+        return self.o_proj(out.transpose(1, 2).reshape(1, L, -1)), queries
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(config.dim, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = Attention(config)
+        self.post_attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, cache: LayerCache, mirror: LayerCache | None = None) -> torch.Tensor:
+        """Decode: x [B, T, dim] are new tokens appended to `cache` (and also written to `mirror`, if given)."""
+        x = x + self.attn(self.input_norm(x), cos, sin, cache, mirror)
+        return x + self.mlp(self.post_attention_norm(x))
+
+    def prefill(self, x, cos, sin, k_cache, v_cache, row: int, query_rows, chunk: int = 8192):
+        h, queries = self.attn.prefill(self.input_norm(x), cos, sin, k_cache, v_cache, row, query_rows)
+        x = x + h
+        # The MLP's intermediate activations are the largest of a long prompt: run it a chunk of tokens at a time.
+        return torch.cat([c + self.mlp(self.post_attention_norm(c)) for c in x.split(chunk, dim=1)], dim=1), queries
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+
+def rope_index(input_ids: torch.Tensor, grid_thw: torch.Tensor | None, visual_token_ids, merge: int) -> torch.Tensor:
+    """M-RoPE positions [3, L] of a prompt (t, h, w axes).
+
+    Text counts up by one on all three axes. A video's tokens take their (frame pair, row, column) grid index
+    plus the position where the video starts; the text after it resumes one past the largest position used.
+    """
+    L = input_ids.shape[0]
+    pos = torch.arange(L).expand(3, L).clone()
+    visual = torch.isin(input_ids.cpu(), torch.tensor(visual_token_ids)).nonzero().flatten()
+    grids = [] if grid_thw is None else [(t, h // merge, w // merge) for t, h, w in grid_thw.tolist()]
+    if len(visual) != sum(t * h * w for t, h, w in grids):
+        raise ValueError(f"the prompt has {len(visual)} visual tokens, grid_thw {grids} describes "
+                         f"{sum(t * h * w for t, h, w in grids)}")
+    first = 0
+    for t, h, w in grids:
+        n = t * h * w
+        start = visual[first].item()
+        if visual[first + n - 1].item() != start + n - 1:
+            raise ValueError(f"the {n} visual tokens of a {t}x{h}x{w} grid must be contiguous from position {start}")
+        base = pos[0, start].item()
+        grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
+        pos[:, start : start + n] = grid.reshape(3, n) + base
+        pos[:, start + n :] += max(t, h, w) - n
+        first += n
+    return pos
+
+
+class Qwen2VL(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.visual = VisionTransformer(config.vision)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def new_cache(self, batch: int, capacity: int, n_layers: int | None = None) -> KVCache:
+        c = self.config
+        return KVCache(n_layers or c.n_layers, batch, c.n_kv_heads, capacity, c.head_dim, self.dtype, self.device)
+
+    def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos [3, ...] -> cos, sin [..., D]; frequency i turns with the t, h or w position by mrope_section."""
+        D = self.config.head_dim
+        dtype = torch.promote_types(self.dtype, torch.float32)
+        inv_freq = 1.0 / self.config.rope_theta ** (torch.arange(0, D, 2, device=pos.device).to(dtype) / D)
+        axis = torch.repeat_interleave(torch.arange(3, device=pos.device),
+                                       torch.tensor(self.config.mrope_section, device=pos.device))
+        angles = pos[axis].movedim(0, -1).to(dtype) * inv_freq  # [..., D / 2]
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos(), angles.sin()
+
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return (input_ids == self.config.video_token_id) | (input_ids == self.config.image_token_id)
+
+    def embed(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """A prompt (input_ids, pixel_values, grid_thw) -> embeddings [L, dim] with the video inside, positions [3, L]."""
+        ids = inputs.input_ids.to(self.device)
+        x = self.embed_tokens(ids)
+        visual = self.visual_mask(ids)
+        grid_thw = getattr(inputs, "grid_thw", None)
+        if visual.any():
+            if inputs.pixel_values is None:
+                raise ValueError(f"the prompt has {int(visual.sum())} visual tokens but no pixel_values")
+            features = self.visual(inputs.pixel_values.to(self.device), grid_thw)
+            if features.shape[0] != visual.sum():
+                raise ValueError(f"the video gives {features.shape[0]} tokens, the prompt has {int(visual.sum())} pads")
+            x[visual] = features.to(x.dtype)
+        pos = rope_index(ids, grid_thw, (self.config.video_token_id, self.config.image_token_id),
+                         self.config.vision.spatial_merge_size)
+        return x, pos.to(self.device)
+
+    def prefill(self, embeds: torch.Tensor, pos: torch.Tensor, cache: KVCache, row: int = 0, query_rows=None):
+        """Run one prompt through the model, filling `cache` row `row` (the caller sets its length).
+
+        Returns the final-norm hidden states [L, dim] and, if `query_rows` is given, each layer's rotated queries
+        at those prompt positions ([n_rows, Hq, D] per layer) for scoring the cache afterwards.
+        """
+        cos, sin = self.rope(pos)
+        x, queries = embeds[None], []
+        for i, layer in enumerate(self.layers):
+            x, q = layer.prefill(x, cos[None, :, None], sin[None, :, None], cache.k[i], cache.v[i], row, query_rows)
+            queries.append(q)
+        return self.norm(x[0]), (queries if query_rows is not None else None)
+
+    def decode(self, tokens, pos, cache: KVCache, n_layers: int | None = None, mirror: KVCache | None = None,
+               layer_fn=Block.forward):
+        """tokens, pos [B, T] -> logits [B, T, vocab]; writes the tokens' keys/values, leaves `lengths` alone.
+
+        Generated tokens are text: one position on all three M-RoPE axes. With `n_layers`, exit early after that
+        many layers. With `mirror`, the keys/values are also written to that cache at its own lengths.
+        `layer_fn` runs one layer (std.py passes a torch.compile'd Block.forward).
+        """
+        cos, sin = self.rope(pos.expand(3, *pos.shape))
+        cos, sin = cos[:, :, None], sin[:, :, None]
+        x = self.embed_tokens(tokens)
+        for i, layer in enumerate(self.layers[:n_layers]):
+            x = layer_fn(layer, x, cos, sin, cache.layer(i), mirror.layer(i) if mirror is not None else None)
+        return self.lm_head(self.norm(x))
+
+    def forward(self, inputs) -> torch.Tensor:
+        """Logits [L, vocab] at every position of one prompt."""
+        embeds, pos = self.embed(inputs)
+        hidden, _ = self.prefill(embeds, pos, self.new_cache(1, embeds.shape[0]))
+        return self.lm_head(hidden)

@@ -1,0 +1,651 @@
+"""The specification of this repository, as tests.  Run:  pytest -q test_std.py
+
+1. Loading: real checkpoint layouts, and clear errors for bad ones.
+2. Numerics: logits and greedy tokens equal those of transformers' Qwen2VLForConditionalGeneration.
+3. Video input: the official resize, sampling and patch order; an mp4 decoded end to end.
+4. Sparse-to-Dense: token-identical to dense greedy decoding (property tests, float64), selection as defined.
+5. The Triton decode kernel against the SDPA path (on a GPU, or in Triton's CPU interpreter).
+6. bench.py end to end.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+if not torch.cuda.is_available():  # without a GPU the Triton kernel runs in Triton's CPU interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import load
+import model as model_lib
+import std
+import vision
+from load import Inputs
+from model import ModelConfig
+from vision import VisionConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+           "<|image_pad|>", "<|video_pad|>"]  # ids 0..7 in the test tokenizer, as the test configs say
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def write_tokenizer(directory) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["You are a helpful assistant. What happens in this video? Describe it."] * 20, trainer)
+    tok.save(os.path.join(directory, "tokenizer.json"))
+
+
+def hf_config(tie: bool = False):
+    from transformers import Qwen2VLConfig
+
+    return Qwen2VLConfig(
+        text_config=dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, rms_norm_eps=1e-6, eos_token_id=2, bos_token_id=0,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, tie_word_embeddings=tie),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
+        image_token_id=6, video_token_id=7, vision_start_token_id=3, vision_end_token_id=4, tie_word_embeddings=tie,
+    )
+
+
+def flat_config(hf) -> dict:
+    """The layout of the original Qwen2-VL releases: language-model fields at the top level."""
+    t, v = hf.config.text_config, hf.config.vision_config
+    return {
+        "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
+        "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
+        "num_key_value_heads": t.num_key_value_heads, "vocab_size": t.vocab_size, "rms_norm_eps": t.rms_norm_eps,
+        "rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        "tie_word_embeddings": False, "eos_token_id": 2, "bos_token_id": 0, "use_sliding_window": False,
+        "image_token_id": 6, "video_token_id": 7, "vision_start_token_id": 3, "vision_end_token_id": 4,
+        "vision_config": {"depth": v.depth, "embed_dim": v.embed_dim, "hidden_size": v.hidden_size,
+                          "num_heads": v.num_heads, "mlp_ratio": v.mlp_ratio, "in_chans": 3, "patch_size": 14,
+                          "spatial_merge_size": 2, "temporal_patch_size": 2},
+    }
+
+
+@pytest.fixture(scope="module", params=["nested", "sharded", "tied", "flat"])
+def checkpoint(request, tmp_path_factory):
+    """A small random checkpoint as transformers saves it (or, 'flat', as the original releases lay it out)."""
+    from safetensors.torch import save_file
+    from transformers import Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    hf = Qwen2VLForConditionalGeneration(hf_config(tie=request.param == "tied")).eval()
+    directory = tmp_path_factory.mktemp(request.param)
+    if request.param == "flat":
+        (directory / "config.json").write_text(json.dumps(flat_config(hf)))
+        save_file({load.hub_name(k): v.contiguous() for k, v in hf.state_dict().items()},
+                  str(directory / "model.safetensors"))
+    else:
+        hf.save_pretrained(directory, max_shard_size="100KB" if request.param == "sharded" else "5GB")
+    write_tokenizer(directory)
+    return request.param, directory, hf
+
+
+def write_mp4(path, frames: int = 23, fps: int = 10, width: int = 100, height: int = 70, seed: int = 0) -> None:
+    import av
+
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            image = (rng.integers(0, 64, (height, width, 3)) + i * 8).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def hf_video_kwargs(inputs: Inputs, video_token_id: int) -> dict:
+    ids = inputs.input_ids[None]
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=inputs.pixel_values,
+                video_grid_thw=inputs.grid_thw, mm_token_type_ids=(ids == video_token_id).int() * 2)
+
+
+# ---------------------------------------------------------------------------------------------- 1. loading
+
+
+def test_loads_every_checkpoint_layout(checkpoint):
+    kind, directory, hf = checkpoint
+    model, processor = load.load(str(directory))
+    assert processor is not None
+    assert model.config.tie_embeddings == (kind == "tied")
+    assert (model.lm_head.weight is model.embed_tokens.weight) == (kind == "tied")
+    if kind == "sharded":
+        assert len(list(directory.glob("model-*-of-*.safetensors"))) > 1
+    hub = {load.hub_name(k): v for k, v in hf.state_dict().items()}
+    q = model.config.n_heads * model.config.head_dim
+    assert torch.equal(model.layers[1].attn.qkv.weight[:q], hub["model.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(model.visual.merger.mlp[2].weight, hub["visual.merger.mlp.2.weight"])
+
+
+def test_loads_in_the_requested_dtype(checkpoint):
+    _, directory, _ = checkpoint
+    model, _ = load.load(str(directory), dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_missing_tokenizer_gives_no_processor_and_a_warning(tmp_path, checkpoint):
+    _, directory, _ = checkpoint
+    for name in ("config.json", "model.safetensors"):
+        if (directory / name).exists():
+            (tmp_path / name).write_bytes((directory / name).read_bytes())
+    if not (tmp_path / "model.safetensors").exists():
+        pytest.skip("sharded checkpoint")
+    with pytest.warns(UserWarning, match="tokenizer.json"):
+        model, processor = load.load(str(tmp_path))
+    assert processor is None and model.config.n_layers == 2
+
+
+def test_clear_errors_for_bad_checkpoints(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen2VLForConditionalGeneration
+
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint directory nor a preset"):
+        load.load(str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load.load(str(tmp_path))
+
+    Qwen2VLForConditionalGeneration(hf_config()).save_pretrained(tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    config = json.loads((tmp_path / "config.json").read_text())
+
+    save_file({k: v for k, v in weights.items() if k != "model.layers.1.mlp.up_proj.weight"},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing .*model\.layers\.1\.mlp\.up_proj\.weight \[112, 64\]"):
+        load.load(str(tmp_path))
+
+    save_file({**weights, "model.norm.weight": torch.ones(65)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"'model\.norm\.weight' has shape \[65\], the config needs \[64\]"):
+        load.load(str(tmp_path))
+
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "qwen2_5_vl"}))
+    with pytest.raises(ValueError, match="unsupported model_type 'qwen2_5_vl'"):
+        load.load(str(tmp_path))
+
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        load.load(str(tmp_path))
+
+
+def test_presets_build_random_models_of_the_published_shapes():
+    model, processor = load.load("tiny")
+    assert processor is None and model.config.n_layers == 2
+    with torch.device("meta"):
+        seven = model_lib.Qwen2VL(load.PRESETS["qwen2-vl-7b"])
+    n_lm = sum(p.numel() for n, p in seven.named_parameters() if not n.startswith("visual."))
+    assert 7.5e9 < n_lm < 7.7e9  # Qwen2-VL-7B's language model, embeddings and untied head included
+
+
+# ---------------------------------------------------------------------------------------------- 2. numerics
+
+
+@pytest.fixture(scope="module")
+def video_prompt(checkpoint, tmp_path_factory):
+    """Four frames of 100x70 (two frame pairs, not square) through our processor."""
+    _, directory, _ = checkpoint
+    model, processor = load.load(str(directory))
+    clip = tmp_path_factory.mktemp("clip") / "clip.mp4"
+    write_mp4(clip)
+    inputs = processor("What happens in this video?", video=str(clip), min_pixels=4 * 28 * 28, max_pixels=12 * 28 * 28)
+    return model, inputs
+
+
+def test_prefill_logits_match_transformers(checkpoint, video_prompt):
+    _, _, hf = checkpoint
+    model, inputs = video_prompt
+    assert inputs.grid_thw[0, 0] == 2 and inputs.grid_thw[0, 1] != inputs.grid_thw[0, 2]
+    with torch.no_grad():
+        ours = model(inputs)
+        theirs = hf(**hf_video_kwargs(inputs, model.config.video_token_id)).logits[0]
+    assert (ours[-1] - theirs[-1]).abs().max() <= 1e-4
+    assert (ours - theirs).abs().max() <= 1e-4
+
+
+def test_greedy_tokens_match_transformers_generate(checkpoint, video_prompt):
+    _, _, hf = checkpoint
+    model, inputs = video_prompt
+    ours = std.generate(model, inputs, max_new_tokens=32).tokens
+    theirs = hf.generate(**hf_video_kwargs(inputs, model.config.video_token_id), max_new_tokens=32, do_sample=False,
+                         eos_token_id=list(model.config.stop_token_ids), pad_token_id=0)
+    assert ours == theirs[0, len(inputs.input_ids):].tolist()
+    assert len(ours) == 32 or ours[-1] in model.config.stop_token_ids
+
+
+def test_video_positions_follow_the_original_qwen2_vl_rule():
+    """Text after a video resumes one past the largest position of any axis (the original Qwen2-VL code).
+
+    transformers 5 resumes after max(h, w) instead, which differs once a video has more frame pairs than rows and
+    columns; the parity tests above use videos where the two rules agree.
+    """
+    ids = torch.tensor([1, 1] + [7] * 6 + [1])
+    pos = model_lib.rope_index(ids, torch.tensor([[3, 2, 4]]), (7,), merge=2)  # 3 pairs x 1 row x 2 columns
+    assert pos.tolist() == [[0, 1, 2, 2, 3, 3, 4, 4, 5],
+                            [0, 1, 2, 2, 2, 2, 2, 2, 5],
+                            [0, 1, 2, 3, 2, 3, 2, 3, 5]]
+
+
+# ---------------------------------------------------------------------------------------------- 3. video input
+
+
+def test_smart_resize_known_sizes():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as official
+
+    cases = [((1080, 1920, 28, vision.VIDEO_MIN_PIXELS, vision.VIDEO_MAX_PIXELS), (560, 1008)),  # shrunk to budget
+             ((480, 640, 28, vision.VIDEO_MIN_PIXELS, vision.VIDEO_MAX_PIXELS), (476, 644)),  # rounded to 28
+             ((100, 100, 28, 56 * 56, 28 * 28 * 1280), (112, 112)),
+             ((10, 1000, 28, 56 * 56, 28 * 28 * 1280), (28, 560)),  # grown to the minimum
+             ((70, 100, 28, 4 * 28 * 28, 12 * 28 * 28), (56, 112))]
+    for args, expected in cases:
+        assert vision.smart_resize(*args) == official(*args) == expected
+    with pytest.raises(ValueError, match="aspect ratio"):
+        vision.smart_resize(10, 3000)
+
+
+def test_frame_sampling_counts():
+    assert vision.sample_count(300, 30.0) == 20  # 10 s at 2 fps
+    assert vision.sample_count(31, 30.0) == 4  # at least 4 frames
+    assert vision.sample_count(3, 30.0) == 2  # never more than the video has, and even
+    assert vision.sample_count(30 * 3600, 30.0) == 768  # an hour: capped
+    assert vision.sample_count(101, 10.0, fps=1.0) == 10
+    assert vision.sample_indices(23, 4) == [0, 7, 15, 22]
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        vision.sample_count(1, 30.0)
+
+
+def test_mp4_decodes_end_to_end(tmp_path):
+    write_mp4(tmp_path / "clip.mp4", frames=23, fps=10)
+    frames = vision.read_video(str(tmp_path / "clip.mp4"))
+    assert frames.shape == (4, 70, 100, 3) and frames.dtype == np.uint8
+    assert np.all(np.diff(frames.reshape(4, -1).mean(1)) > 20)  # frames 0, 7, 15, 22: brighter each time
+    pixel_values, grid = vision.preprocess(frames)
+    h, w = vision.smart_resize(70, 100, 28, vision.VIDEO_MIN_PIXELS, vision.VIDEO_MAX_PIXELS)
+    assert grid.tolist() == [[2, h // 14, w // 14]] and pixel_values.shape == (2 * h * w // 196, 3 * 2 * 14 * 14)
+
+
+def test_bad_video_inputs_fail_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        vision.read_video(str(tmp_path / "missing.mp4"))
+    (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
+    with pytest.raises(ValueError, match="cannot decode video"):
+        vision.read_video(str(tmp_path / "broken.mp4"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        vision.load_frames(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="uint8"):
+        vision.load_frames(np.zeros((2, 8, 8, 3), np.float32))
+
+
+def test_a_folder_of_images_is_a_video(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (3, 56, 84, 3)).astype(np.uint8)
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(tmp_path / f"{i:03d}.png")
+    from_folder = vision.load_frames(str(tmp_path))
+    assert np.array_equal(from_folder, frames)
+    pixel_values, grid = vision.preprocess(from_folder, min_pixels=56 * 84, max_pixels=56 * 84)
+    assert grid.tolist() == [[2, 4, 6]]  # three frames: the last repeats to complete the second pair
+    assert torch.equal(pixel_values, vision.preprocess(np.concatenate([frames, frames[-1:]]), min_pixels=56 * 84,
+                                                       max_pixels=56 * 84)[0])
+
+
+def test_patch_rows_are_in_the_official_order():
+    """A two-frame still video equals transformers' image processor output for that image, row for row."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    image = np.random.default_rng(0).integers(0, 255, (56, 84, 3)).astype(np.uint8)
+    ours, grid = vision.preprocess(np.stack([image, image]), min_pixels=56 * 84, max_pixels=56 * 84)
+    theirs = Qwen2VLImageProcessorPil(do_resize=False)(images=[image], return_tensors="pt")
+    assert grid.tolist() == theirs["image_grid_thw"].tolist()
+    assert torch.allclose(ours, theirs["pixel_values"].float(), atol=1e-5)
+
+
+def test_processor_builds_the_chat_prompt(checkpoint, video_prompt):
+    model, inputs = video_prompt
+    _, directory, _ = checkpoint
+    _, processor = load.load(str(directory))
+    ids = inputs.input_ids.tolist()
+    n_visual = int(inputs.grid_thw.prod()) // 4
+    assert ids.count(7) == n_visual and ids.index(7) == ids.index(3) + 1 and ids.index(4) == ids.index(7) + n_visual
+    text = processor.tokenizer.decode(ids, skip_special_tokens=False).replace("<|video_pad|>" * n_visual, "<pads>")
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                    "<|vision_start|><pads><|vision_end|>What happens in this video?<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+
+
+# ---------------------------------------------------------------------------------------------- 4. Sparse-to-Dense
+
+VOCAB = 96
+VIDEO, VSTART, VEND, STOP = 91, 92, 93, 95
+
+
+def tiny_model(seed: int, layers: int, kv_heads: int, group: int, head_dim: int, sections, dtype=torch.float64):
+    config = ModelConfig(vocab_size=VOCAB, dim=kv_heads * group * head_dim, n_layers=layers,
+                         n_heads=kv_heads * group, n_kv_heads=kv_heads, intermediate_size=64, rope_theta=10000.0,
+                         mrope_section=tuple(sections), image_token_id=90, video_token_id=VIDEO,
+                         vision_start_token_id=VSTART, vision_end_token_id=VEND, stop_token_ids=(STOP,),
+                         vision=VisionConfig(depth=1, embed_dim=16, num_heads=2, mlp_ratio=2,
+                                             hidden_size=kv_heads * group * head_dim))
+    # Weights larger than a trained model's initialisation, so that random tokens are confidently chosen.
+    return load.random_model(config, dtype=dtype, seed=seed, std=0.3)
+
+
+def video_inputs(rng: np.random.Generator, before: int, after: int, grid) -> Inputs:
+    t, h, w = grid  # in patches; h and w even (2x2 merge windows)
+    text = lambda n: rng.integers(0, 90, n).tolist()
+    ids = text(before) + [VSTART] + [VIDEO] * (t * h * w // 4) + [VEND] + text(after)
+    pixels = torch.from_numpy(rng.standard_normal((t * h * w, 3 * 2 * 14 * 14)))
+    return Inputs(torch.tensor(ids), pixels, torch.tensor([[t, h, w]]))
+
+
+@st.composite
+def scenarios(draw):
+    kv_heads, group = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    head_dim = draw(st.sampled_from([8, 12, 16]))
+    t_sec = draw(st.integers(1, head_dim // 2 - 2))
+    h_sec = draw(st.integers(1, head_dim // 2 - t_sec - 1))
+    sections = (t_sec, h_sec, head_dim // 2 - t_sec - h_sec)
+    grid = (draw(st.integers(1, 3)), 2 * draw(st.integers(1, 3)), 2 * draw(st.integers(1, 5)))  # odd merged sides too
+    n_visual = grid[0] * grid[1] * grid[2] // 4
+    return dict(
+        model=dict(seed=draw(st.integers(0, 2**16)), layers=draw(st.integers(1, 3)), kv_heads=kv_heads, group=group,
+                   head_dim=head_dim, sections=sections),
+        before=draw(st.integers(0, 6)), after=draw(st.integers(1, 6)), grid=grid,
+        k=draw(st.integers(1, n_visual + 3)), gamma=draw(st.integers(1, 12)),
+        max_new_tokens=draw(st.integers(1, 64)), stop_at=draw(st.none() | st.integers(0, 63)),
+    )
+
+
+def force_stop(model, inputs, position) -> None:
+    """Make the token that dense decoding emits at `position` the stop token, so the stream ends mid-way."""
+    if position is None:
+        return
+    model.config.stop_token_ids = ()
+    tokens = std.generate(model, inputs, max_new_tokens=position + 1).tokens
+    model.config.stop_token_ids = (tokens[min(position, len(tokens) - 1)],)
+
+
+@settings(max_examples=int(os.environ.get("STD_EXAMPLES", 60)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_sparse_to_dense_equals_dense_greedy(s):
+    """In float64 no two logits of these models come within rounding of each other, so the argmax of a verify pass
+    over gamma+1 tokens is the argmax of the one-token dense step: any difference would be a bug, not a tie."""
+    model = tiny_model(**s["model"])
+    inputs = video_inputs(np.random.default_rng(s["model"]["seed"]), s["before"], s["after"], s["grid"])
+    force_stop(model, inputs, s["stop_at"])
+    dense = std.generate(model, inputs, s["max_new_tokens"])
+    sparse = std.generate(model, inputs, s["max_new_tokens"], k=s["k"], gamma=s["gamma"])
+    assert sparse.tokens == dense.tokens
+    stats = sparse.stats
+    assert len(sparse.tokens) == stats.accepted + stats.rounds <= s["max_new_tokens"]
+    assert 0 <= stats.accepted <= stats.drafted <= s["gamma"] * (stats.rounds - 1)
+    assert sparse.tokens[-1] in model.config.stop_token_ids or len(sparse.tokens) == s["max_new_tokens"]
+    assert not set(sparse.tokens[:-1]) & set(model.config.stop_token_ids)
+
+
+@settings(max_examples=int(os.environ.get("STD_EXAMPLES", 60)) // 2, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.sampled_from(std.DRAFTS))
+def test_every_draft_kind_equals_dense_greedy(s, draft):
+    """The quantized drafts run their matrix products in float32 or bfloat16, whatever the model's dtype: that
+    changes which drafts are accepted, never the output, which the float64 verifier decides."""
+    s["model"].update(head_dim=16, group=2, sections=(4, 2, 2))  # int4 packing needs widths in multiples of 32
+    model = tiny_model(**s["model"])
+    inputs = video_inputs(np.random.default_rng(s["model"]["seed"]), s["before"], s["after"], s["grid"])
+    force_stop(model, inputs, s["stop_at"])
+    dense = std.generate(model, inputs, s["max_new_tokens"])
+    k = None if draft == "layerskip" else s["k"]
+    if draft == "layerskip" and s["model"]["layers"] == 1:  # nothing to skip
+        with pytest.raises(ValueError, match="exit_layer must be an int in"):
+            std.generate(model, inputs, s["max_new_tokens"], gamma=s["gamma"], draft=draft)
+        return
+    sparse = std.generate(model, inputs, s["max_new_tokens"], k=k, gamma=s["gamma"], draft=draft)
+    assert sparse.tokens == dense.tokens
+    assert len(sparse.tokens) == sparse.stats.accepted + sparse.stats.rounds
+
+
+@st.composite
+def batches(draw):
+    """Two to four prompts of different lengths, videos and questions."""
+    prompts = [dict(before=draw(st.integers(0, 8)), after=draw(st.integers(1, 8)),
+                    grid=(draw(st.integers(1, 3)), 2 * draw(st.integers(1, 3)), 2 * draw(st.integers(1, 4))))
+               for _ in range(draw(st.integers(2, 4)))]
+    least = min(p["grid"][0] * p["grid"][1] * p["grid"][2] // 4 for p in prompts)
+    return dict(seed=draw(st.integers(0, 2**16)), prompts=prompts, k=draw(st.integers(1, least + 2)),
+                gamma=draw(st.integers(1, 8)), max_new_tokens=draw(st.integers(1, 48)),
+                stop_at=draw(st.none() | st.integers(0, 47)))
+
+
+@settings(max_examples=int(os.environ.get("STD_EXAMPLES", 60)) // 2, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(batches())
+def test_batched_sparse_to_dense_equals_dense_decoding_of_each_prompt_alone(b):
+    model = tiny_model(b["seed"], layers=2, kv_heads=2, group=2, head_dim=8, sections=(2, 1, 1))
+    rng = np.random.default_rng(b["seed"])
+    batch = [video_inputs(rng, p["before"], p["after"], p["grid"]) for p in b["prompts"]]
+    force_stop(model, batch[0], b["stop_at"])  # one stop token: the prompts reach it at different points, or never
+    alone = [std.generate(model, inputs, b["max_new_tokens"]).tokens for inputs in batch]
+    together = std.generate(model, batch, b["max_new_tokens"], k=b["k"], gamma=b["gamma"])
+    assert [r.tokens for r in together] == alone
+    assert [r.tokens for r in std.generate(model, batch, b["max_new_tokens"])] == alone
+    for r in together:
+        assert len(r.tokens) == r.stats.accepted + r.stats.rounds
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 2**16), st.integers(1, 12))
+def test_keeping_every_visual_token_accepts_every_draft(seed, gamma):
+    model = tiny_model(seed, layers=2, kv_heads=2, group=2, head_dim=8, sections=(1, 1, 2))
+    model.config.stop_token_ids = ()
+    inputs = video_inputs(np.random.default_rng(seed), 3, 4, (2, 4, 6))
+    result = std.generate(model, inputs, max_new_tokens=40, k=12, gamma=gamma)
+    assert result.stats.accepted == result.stats.drafted > 0
+    assert result.tokens == std.generate(model, inputs, max_new_tokens=40).tokens
+
+
+def test_kept_positions_are_the_top_k_of_the_text_attention():
+    """Against attention probabilities from transformers' eager attention, summed by hand."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    hf = Qwen2VLForConditionalGeneration(hf_config()).double().eval()
+    hf.set_attn_implementation("eager")
+    model = load.empty_model(load.parse_config(hf.config.to_dict()), "cpu", torch.float64)
+    model.load_state_dict({**{k: v for k, v in model.state_dict().items()}, **remap(hf, model)})
+    rng = np.random.default_rng(0)
+    text = lambda n: rng.integers(10, 290, n).tolist()
+    ids = torch.tensor(text(4) + [3] + [7] * 12 + [4] + text(6))  # vision start, 12 video pads, vision end
+    inputs = Inputs(ids, torch.from_numpy(rng.standard_normal((48, 3 * 2 * 14 * 14))), torch.tensor([[2, 4, 6]]))
+    k = 5
+    selectable = ids == 7
+    with torch.no_grad():
+        attentions = hf(**hf_video_kwargs(inputs, 7), output_attentions=True).attentions
+        embeds, pos = model.embed(inputs)
+        cache = model.new_cache(1, len(ids))
+        rows = (~selectable & (torch.arange(len(ids)) > selectable.nonzero()[0])).nonzero().flatten()
+        _, queries = model.prefill(embeds, pos, cache, 0, rows)
+        scores = std.score_prompt(queries, cache, 0, rows, len(ids))
+    for layer, attention in enumerate(attentions):
+        naive = attention[0][:, rows].sum(1).view(2, 2, -1).sum(1)  # [kv heads, L]: text rows, heads of a group
+        expected = [sorted(range(len(ids)), key=lambda p: (-naive[h, p].item(), p)) for h in range(2)]
+        expected = [[p for p in order if selectable[p]][:k] for order in expected]
+        assert std.top_positions(scores[layer], selectable, k).tolist() == expected
+        assert torch.allclose(scores[layer], naive, atol=1e-12)
+
+
+def remap(hf, model) -> dict:
+    """transformers' state dict -> ours, through the loader's own name map (q/k/v and gate/up fused)."""
+    names = load.checkpoint_names(model.config)
+    ours = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, tensor in hf.state_dict().items():
+        param, rows = names[load.hub_name(name)]
+        ours[param][rows if rows is not None else slice(None)] = tensor
+    return ours
+
+
+def test_stop_token_inside_a_draft_and_budget_inside_a_round():
+    model = tiny_model(3, layers=2, kv_heads=1, group=2, head_dim=8, sections=(2, 1, 1))
+    inputs = video_inputs(np.random.default_rng(3), 2, 3, (2, 4, 4))
+    model.config.stop_token_ids = ()
+    reference = std.generate(model, inputs, max_new_tokens=30).tokens
+    # Every draft accepted (k covers the video): a stop token at position 9 lands inside the second round's drafts.
+    model.config.stop_token_ids = (reference[9],)
+    expected = reference[: reference.index(reference[9]) + 1]
+    result = std.generate(model, inputs, max_new_tokens=30, k=8, gamma=6)
+    assert result.tokens == expected and result.stats.accepted == result.stats.drafted
+    model.config.stop_token_ids = ()
+    for budget in (1, 2, 5, 8, 13):
+        result = std.generate(model, inputs, max_new_tokens=budget, k=8, gamma=6)
+        assert result.tokens == reference[:budget]
+        assert len(result.tokens) == result.stats.accepted + result.stats.rounds
+
+
+def test_text_only_before_the_video_and_a_custom_select_mask():
+    model = tiny_model(5, layers=2, kv_heads=2, group=1, head_dim=8, sections=(1, 2, 1))
+    rng = np.random.default_rng(5)
+    question_first = video_inputs(rng, 8, 0, (2, 4, 4))
+    question_first.input_ids = torch.cat([question_first.input_ids, torch.tensor([STOP - 1, 1, 2])])  # markup
+    assert std.generate(model, question_first, 24, k=3).tokens == std.generate(model, question_first, 24).tokens
+    document = Inputs(torch.from_numpy(rng.integers(0, 90, 60)))  # a long text with no video: prune its middle
+    select = torch.zeros(60, dtype=torch.bool)
+    select[5:50] = True
+    result = std.generate(model, document, 24, k=7, gamma=4, select=select)
+    assert result.tokens == std.generate(model, document, 24).tokens
+
+
+def test_bad_arguments_fail_clearly():
+    model = tiny_model(0, layers=1, kv_heads=1, group=1, head_dim=8, sections=(2, 1, 1))
+    inputs = video_inputs(np.random.default_rng(0), 2, 2, (1, 2, 2))
+    for bad in (0, -3, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="k must be a positive int"):
+            std.generate(model, inputs, 8, k=bad)
+    for bad in (0, -1, 1.0):
+        with pytest.raises(ValueError, match="gamma must be a positive int"):
+            std.generate(model, inputs, 8, k=1, gamma=bad)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
+        std.generate(model, inputs, 0)
+    with pytest.raises(ValueError, match="no visual tokens to prune"):
+        std.generate(model, Inputs(torch.tensor([1, 2, 3])), 8, k=4)
+    with pytest.raises(ValueError, match="no text follows"):
+        std.generate(model, Inputs(inputs.input_ids[:-3], inputs.pixel_values, inputs.grid_thw), 8, k=1)
+    with pytest.raises(ValueError, match="select must be a bool tensor"):
+        std.generate(model, inputs, 8, k=1, select=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="needs the model on a GPU"):
+        std.generate(model, inputs, 8, compile=True)
+
+
+def test_one_prefill_serves_many_decodes():
+    model = tiny_model(7, layers=2, kv_heads=2, group=2, head_dim=8, sections=(2, 1, 1))
+    inputs = video_inputs(np.random.default_rng(7), 3, 5, (2, 4, 6))
+    prefilled = std.prefill(model, inputs, room=40)
+    runs = [std.decode(prefilled, 20), std.decode(prefilled, 20, k=3, gamma=5), std.decode(prefilled, 20, k=9),
+            std.decode(prefilled, 20, gamma=4, draft="layerskip"), std.decode(prefilled, 20)]
+    assert all(r[0].tokens == std.generate(model, inputs, 20).tokens for r in runs)
+    with pytest.raises(ValueError, match="left room for 40 tokens"):
+        std.decode(prefilled, 39, k=3, gamma=5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_linears_compute_with_their_dequantized_weights(bits):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(bits)
+    linear = torch.nn.Linear(256, 96, bias=True, device=device, dtype=torch.bfloat16 if device == "cuda" else None)
+    quantized = std.Int8Linear(linear) if bits == 8 else std.Int4Linear(linear)
+    x = torch.randn(5, 256, device=device, dtype=linear.weight.dtype)
+    step = (linear.weight.float().abs().amax() / 127) if bits == 8 else None
+    exact = x.float() @ linear.weight.float().T + linear.bias.float()
+    error = (quantized(x).float() - exact).norm() / exact.norm()
+    assert error < (0.02 if bits == 8 else 0.15)  # int4 with 16 levels a group: a draft, not a verifier
+    assert error > 1e-4 or step is None  # it really is quantized
+    with pytest.raises(ValueError, match="int4 packing"):
+        std.Int4Linear(torch.nn.Linear(48, 96))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("draft", [None, *std.DRAFTS])
+def test_cuda_graphs_decode_the_eager_tokens(draft):
+    """The compiled, graph-captured steps against the same steps run eagerly (float32 on the GPU)."""
+    model = tiny_model(11, layers=2, kv_heads=2, group=2, head_dim=16, sections=(4, 2, 2), dtype=torch.float32)
+    model = model.cuda()
+    rng = np.random.default_rng(11)
+    batch = [video_inputs(rng, 3, 5, (2, 4, 6)), video_inputs(rng, 1, 9, (1, 6, 4))]
+    k = None if draft in (None, "layerskip") else 5
+    eager = std.generate(model, batch, 40, k=k, gamma=5, draft=draft, compile=False)
+    graphed = std.generate(model, batch, 40, k=k, gamma=5, draft=draft, compile=True)
+    assert [r.tokens for r in graphed] == [r.tokens for r in eager]
+    assert [r.stats.accepted for r in graphed] == [r.stats.accepted for r in eager]
+
+
+# ---------------------------------------------------------------------------------------------- 5. decode kernel
+
+
+@pytest.mark.parametrize("batch,new,heads,kv_heads,head_dim", [(1, 1, 4, 2, 16), (2, 7, 8, 2, 32), (3, 3, 6, 3, 64)])
+def test_triton_decode_attention_matches_sdpa(batch, new, heads, kv_heads, head_dim):
+    triton = pytest.importorskip("triton", minversion=None if torch.cuda.is_available() else "3.9")
+    del triton
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device).manual_seed(batch)
+    capacity = 700
+    q = torch.randn(batch, new, heads, head_dim, device=device, generator=gen)
+    k = torch.randn(batch, kv_heads, capacity, head_dim, device=device, generator=gen)
+    v = torch.randn(batch, kv_heads, capacity, head_dim, device=device, generator=gen)
+    lengths = torch.randint(0, capacity - new, (batch,), device=device, generator=gen)
+    for b in range(batch):  # nothing past a sequence's filled part may be read
+        k[b, :, lengths[b] + new :] = float("nan")
+        v[b, :, lengths[b] + new :] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the interpreter's log(0) for empty splits
+        out = model_lib.decode_attention(q, k, v, lengths, n_splits=4)
+    cache = model_lib.LayerCache(torch.nan_to_num(k), torch.nan_to_num(v), lengths)
+    reference = model_lib.F.scaled_dot_product_attention(
+        q.transpose(1, 2), cache.k, cache.v, enable_gqa=True,
+        attn_mask=(torch.arange(capacity, device=device) <= lengths[:, None, None]
+                   + torch.arange(new, device=device)[:, None])[:, None],
+    ).transpose(1, 2).reshape(batch, new, -1)
+    assert (out - reference).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- 6. bench.py
+
+
+def test_bench_steps_mode_runs(tmp_path):
+    report = tmp_path / "steps.json"
+    run = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--steps", "512,1024", "--k", "32",
+                          "--json", str(report)], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(report.read_text())["rows"]
+    assert [r["context"] for r in rows] == [512, 1024]
+    assert set(rows[0]["drafts"]) == {"topk", "topk-int8", "topk-int4", "layerskip"}
+
+
+def test_bench_runs_end_to_end_on_the_cpu(tmp_path):
+    report = tmp_path / "report.json"
+    run = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--max-new-tokens", "12", "--k", "8",
+                          "--gamma", "3", "--json", str(report)], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "RANDOM WEIGHTS" in run.stdout and "MATCH" in run.stdout
+    data = json.loads(report.read_text())
+    assert data["runs"][0]["match"] is True
