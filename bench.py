@@ -324,17 +324,19 @@ def transformers_times(args, model, inputs, device):
     n = args.max_new_tokens
 
     def timed(tokens):
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         with torch.inference_mode():
             hf.generate(**kwargs, max_new_tokens=tokens, min_new_tokens=tokens)
-        torch.cuda.synchronize()
+        sync()
         return time.perf_counter() - start
 
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     timed(2)  # warm-up
     one, many = timed(1), timed(1 + n)
     del hf
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return dict(ms_per_token=1e3 * (many - one) / n, prefill_s=one, attn="sdpa", tokens=n)
 
 
@@ -348,7 +350,7 @@ def transformers_config(c):
                          rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings,
                          rope_scaling={"type": "mrope", "mrope_section": list(c.mrope_section)}),
         vision_config=dict(depth=v.depth, embed_dim=v.embed_dim, hidden_size=v.hidden_size, num_heads=v.num_heads,
-                           mlp_ratio=v.mlp_ratio),
+                           mlp_ratio=int(v.mlp_ratio) if v.mlp_ratio == int(v.mlp_ratio) else v.mlp_ratio),
         image_token_id=c.image_token_id, video_token_id=c.video_token_id, tie_word_embeddings=c.tie_embeddings,
         vision_start_token_id=c.vision_start_token_id, vision_end_token_id=c.vision_end_token_id,
     )

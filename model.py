@@ -77,8 +77,8 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
-        # About 256 slots a piece, and at most ~512 pieces in all (four waves of an H100's 132 multiprocessors).
-        self.splits = min(-(-512 // (batch * n_kv_heads)), 1 << max(0, math.ceil(math.log2(capacity / 256))))
+        # About 256 slots a piece, and at most ~256 pieces in all (two waves of an H100's 132 multiprocessors).
+        self.splits = min(-(-256 // (batch * n_kv_heads)), 1 << max(0, math.ceil(math.log2(capacity / 256))))
 
     @property
     def capacity(self) -> int:
@@ -115,10 +115,10 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_kernel(
-        Q, K, V, Lengths, Out, Lse, scale, n_kv_heads,
+        Q, K, V, Lengths, Out, Lse, n_kv_heads,
         sqb, sqt, sqh, skb, skh, sks, svb, svh, svs, sob, soh, sos, sor, slb, slh, sls,
         T: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr, PRECISION: tl.constexpr, SCALE: tl.constexpr,
     ):
         # One program: one sequence, one KV head, one split of the filled slots. Its rows are the T new tokens
         # times the GROUP query heads that share the KV head, so each key and value is read once for all of them.
@@ -144,7 +144,7 @@ if triton is not None:
             in_range = (slots < end)[:, None]
             k = tl.load(K + b * skb + h * skh + slots[:, None] * sks + d[None, :], mask=in_range, other=0.0)
             v = tl.load(V + b * svb + h * svh + slots[:, None] * svs + d[None, :], mask=in_range, other=0.0)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE
             scores = tl.where(slots[None, :] < visible_end[:, None], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -158,7 +158,8 @@ if triton is not None:
         tl.store(Lse + b * slb + h * slh + split * sls + rows, m + tl.log(l))  # -inf for an empty split
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, n_splits: int):
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, n_splits: int,
+                     block_n: int = 64, num_warps: int = 4, num_stages: int = 2):
     """Split-KV ("flash decoding") attention of T new tokens over a static cache; see attend_cache.
 
     The launch shape is fixed (it is captured in CUDA graphs); each program finds its piece of the filled slots
@@ -172,19 +173,90 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     if D < 16 or D & (D - 1):
         raise NotImplementedError(f"the Triton decode kernel needs a power-of-two head_dim >= 16, got {D}")
     rows = max(16, triton.next_power_of_2(T * group))
-    block_n = 64
     out = torch.empty(B, Hkv, n_splits, rows, D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B, Hkv, n_splits, rows, device=q.device, dtype=torch.float32)
     _decode_attention_kernel[(B * Hkv, n_splits)](
-        q, k, v, lengths, out, lse, 1.0 / math.sqrt(D), Hkv,
+        q, k, v, lengths, out, lse, Hkv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *out.stride()[:4], *lse.stride()[:3],
         T=T, GROUP=group, ROWS=rows, HEAD_DIM=D, BLOCK_N=block_n, N_SPLITS=n_splits,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SCALE=1.0 / math.sqrt(D),
+        num_warps=num_warps, num_stages=num_stages,
     )
     weights = torch.softmax(lse, dim=2)  # merge the splits by their log-sum-exp
     merged = (weights[..., None] * out).sum(2)[:, :, : T * group]  # [B, Hkv, T * group, D]
     return merged.view(B, Hkv, T, group, D).transpose(1, 2).reshape(B, T, Hq * D).to(q.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _small_linear_kernel(X, W, Scale, Bias, Y, M, N, K, sxm, swn, ssn, sym, BITS: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+        # y[M, N] = x[M, K] @ w[N, K]^T for the few rows of a decode step: each program streams BLOCK_N rows of the
+        # weight once. BITS 16: w as it is. 8: int8 rows, a scale each. 4: a group of BLOCK_K columns per scale,
+        # byte j of a group holding column j (low nibble) and column j + BLOCK_K / 2 (high nibble), offset by 8.
+        pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok, n_ok = rm < M, rn < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if BITS == 4:
+                half = tl.arange(0, BLOCK_K // 2)
+                packed = tl.load(W + rn[:, None] * swn + (k0 // 2 + half)[None, :], mask=n_ok[:, None], other=0)
+                x_lo = tl.load(X + rm[:, None] * sxm + (k0 + half)[None, :], mask=m_ok[:, None], other=0.0)
+                x_hi = tl.load(X + rm[:, None] * sxm + (k0 + BLOCK_K // 2 + half)[None, :], mask=m_ok[:, None],
+                               other=0.0)
+                w_lo = ((packed & 0xF).to(tl.int8) - 8).to(x_lo.dtype)
+                w_hi = ((packed >> 4).to(tl.int8) - 8).to(x_lo.dtype)
+                scale = tl.load(Scale + rn * ssn + k0 // BLOCK_K, mask=n_ok, other=0.0).to(tl.float32)
+                acc += (tl.dot(x_lo, tl.trans(w_lo)) + tl.dot(x_hi, tl.trans(w_hi))) * scale[None, :]
+            else:
+                rk = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(X + rm[:, None] * sxm + rk[None, :], mask=m_ok[:, None] & (rk < K)[None, :], other=0.0)
+                w = tl.load(W + rn[:, None] * swn + rk[None, :], mask=n_ok[:, None] & (rk < K)[None, :], other=0.0)
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        if BITS == 8:
+            acc *= tl.load(Scale + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(Bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + rm[:, None] * sym + rn[None, :], acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def small_linear(x, weight, bias=None, scale=None, bits: int = 16, group: int = 128) -> torch.Tensor:
+    """x [..., K] @ weight^T (+ bias) for a decode step's few rows, streaming the weight once (Triton, GPU).
+
+    bits 16: weight [N, K]; 8: int8 [N, K] and scale [N]; 4: uint8 [N, K / 2] and scale [N, K / group].
+    """
+    if triton is None:
+        raise ImportError("small_linear on a GPU needs Triton (it ships with CUDA builds of PyTorch)")
+    flat = x.reshape(-1, x.shape[-1])
+    (M, K), N = flat.shape, weight.shape[0]
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    block_m = max(16, triton.next_power_of_2(M))  # tensor cores, the rows padded: faster than a register loop
+    block_n = 64 if N >= 16384 else 32  # the large matrices get fewer, longer programs
+    block_k = group if bits == 4 else 256 if K % 256 == 0 else 128
+    _small_linear_kernel[(triton.cdiv(N, block_n), triton.cdiv(M, block_m))](
+        flat, weight, scale if scale is not None else weight, bias if bias is not None else weight, y, M, N, K,
+        flat.stride(0), weight.stride(0), scale.stride(0) if bits == 4 else 1, y.stride(0), BITS=bits,
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        num_stages=4 if bits == 8 else 5,
+    )
+    return y.view(*x.shape[:-1], N)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose decode steps (a few rows on a GPU) stream the weight through the Triton kernel above;
+    cuBLAS reads these matrix-vector products well under the memory bandwidth."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.numel() <= 16 * x.shape[-1]:
+            return small_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 # ---------------------------------------------------------------------------------------------- layers
@@ -211,8 +283,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         # q, k and v projections in one matrix: one read of the weights per step instead of three.
-        self.qkv = nn.Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim)
-        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.qkv = Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim)
+        self.o_proj = Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         B, T, _ = x.shape
@@ -225,11 +297,12 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache: LayerCache, mirror: LayerCache | None = None) -> torch.Tensor:
         q, k, v = self.project(x, cos, sin)
         B, T = x.shape[:2]
+        rows = torch.arange(B, device=x.device)[:, None]
         for c in (cache, mirror) if mirror is not None else (cache,):
-            slots = (c.lengths[:, None] + torch.arange(T, device=x.device))[:, None, :, None]
-            slots = slots.expand(B, self.n_kv_heads, T, self.head_dim)
-            c.k.scatter_(2, slots, k.transpose(1, 2))
-            c.v.scatter_(2, slots, v.transpose(1, 2))
+            # Index assignment, not scatter_: compiled, it writes in place (scatter_ copies the whole cache).
+            slots = c.lengths[:, None] + torch.arange(T, device=x.device)  # [B, T]
+            c.k[rows, :, slots] = k
+            c.v[rows, :, slots] = v
         return self.o_proj(attend_cache(q, cache))
 
     def prefill(self, x, cos, sin, k_cache, v_cache, row: int, query_rows):
@@ -247,8 +320,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_up = nn.Linear(config.dim, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.dim, bias=False)
+        self.gate_up = Linear(config.dim, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -312,7 +385,7 @@ class Qwen2VL(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.visual = VisionTransformer(config.vision)
@@ -334,9 +407,8 @@ class Qwen2VL(nn.Module):
         D = self.config.head_dim
         dtype = torch.promote_types(self.dtype, torch.float32)
         inv_freq = 1.0 / self.config.rope_theta ** (torch.arange(0, D, 2, device=pos.device).to(dtype) / D)
-        axis = torch.repeat_interleave(torch.arange(3, device=pos.device),
-                                       torch.tensor(self.config.mrope_section, device=pos.device))
-        angles = pos[axis].movedim(0, -1).to(dtype) * inv_freq  # [..., D / 2]
+        sections = inv_freq.split(list(self.config.mrope_section))
+        angles = torch.cat([pos[axis, ..., None].to(dtype) * f for axis, f in enumerate(sections)], dim=-1)
         angles = torch.cat([angles, angles], dim=-1)
         return angles.cos(), angles.sin()
 

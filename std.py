@@ -32,7 +32,7 @@ import torch._dynamo
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Block, KVCache, Qwen2VL
+from model import Block, KVCache, Qwen2VL, small_linear
 
 DRAFTS = ("topk", "topk-int8", "topk-int4", "streaming", "layerskip")
 STREAMING_SINKS = 4
@@ -121,6 +121,11 @@ def fill_draft_row(draft: KVCache, dense: KVCache, row: int, kept: list[torch.Te
 # ---------------------------------------------------------------------------------------------- quantized drafts
 
 
+def decode_rows(x: torch.Tensor) -> bool:
+    """A decode step's few rows on a GPU: the Triton kernel's case (see model.Linear)."""
+    return x.is_cuda and x.numel() <= 16 * x.shape[-1]
+
+
 class Int8Linear(nn.Module):
     """Weight-only int8, one scale per output row."""
 
@@ -129,49 +134,48 @@ class Int8Linear(nn.Module):
         w = linear.weight.float()
         scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127
         self.register_buffer("weight", (w / scale[:, None]).round().to(torch.int8))
-        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        self.register_buffer("scale", scale)
         self.bias = linear.bias
 
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight.to(dtype) * self.scale[:, None].to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Under torch.compile the int8 -> x.dtype conversion fuses into the matrix-vector product (one byte a weight).
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scale
-        return y if self.bias is None else y + self.bias
+        if decode_rows(x):
+            return small_linear(x, self.weight, self.bias, self.scale, bits=8)
+        return F.linear(x, self.dequantized(x.dtype), self.bias)
 
 
 class Int4Linear(nn.Module):
-    """Weight-only int4, a scale and an offset per group of input columns: PyTorch's tinygemm kernels."""
+    """Weight-only int4, symmetric, one scale per group of input columns.
+
+    Byte j of a group holds column j in its low nibble and column j + group / 2 in its high one (each plus 8), so
+    the kernel unpacks a group into two contiguous halves without shuffling.
+    """
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         N, K = linear.weight.shape
         self.group = next((g for g in (128, 64, 32) if K % g == 0), None)
-        tiles = next((t for t in (8, 4, 2) if K % (16 * t) == 0), None)
-        if self.group is None or tiles is None or N % 8:
-            raise ValueError(f"int4 packing needs in_features a multiple of 32 and out_features of 8, got {K}, {N}")
+        if self.group is None:
+            raise ValueError(f"int4 groups need in_features a multiple of 32, got {K}")
         w = linear.weight.float().view(N, K // self.group, self.group)
-        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-        scale = ((hi - lo) / 15).clamp(min=1e-8)
-        q = ((w - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).view(N, K)
-        zero = lo + 8 * scale  # the kernels dequantize (q - 8) * scale + zero
-        scales = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [K / group, N, 2]
-        if linear.weight.is_cuda:
-            packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), tiles)
-            scales = scales.to(torch.bfloat16)
-        else:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, tiles)
-        self.register_buffer("packed", packed)
-        self.register_buffer("scales", scales)
-        self.out_features = N
+        scale = w.abs().amax(dim=-1).clamp(min=1e-8) / 7
+        q = ((w / scale[..., None]).round().clamp(-8, 7) + 8).to(torch.uint8)
+        half = self.group // 2
+        self.register_buffer("packed", (q[..., :half] | (q[..., half:] << 4)).view(N, K // 2))
+        self.register_buffer("scale", scale)  # [N, K / group]
         self.bias = linear.bias
 
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        p = self.packed.view(self.packed.shape[0], -1, self.group // 2)
+        q = torch.cat([p & 0xF, p >> 4], dim=-1).to(dtype) - 8
+        return (q * self.scale[..., None].to(dtype)).flatten(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        if x.is_cuda:  # the CUDA kernel takes bfloat16 activations, the CPU one float32
-            y = torch.ops.aten._weight_int4pack_mm(flat.to(torch.bfloat16), self.packed, self.group, self.scales)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.float(), self.packed, self.group, self.scales)
-        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        if decode_rows(x):
+            return small_linear(x, self.packed, self.bias, self.scale, bits=4, group=self.group)
+        return F.linear(x, self.dequantized(x.dtype), self.bias)
 
 
 _quantized = weakref.WeakKeyDictionary()  # model -> {bits: drafter}, built once per model

@@ -410,8 +410,6 @@ def test_sparse_to_dense_equals_dense_greedy(s):
           suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios(), st.sampled_from(std.DRAFTS))
 def test_every_draft_kind_equals_dense_greedy(s, draft):
-    """The quantized drafts run their matrix products in float32 or bfloat16, whatever the model's dtype: that
-    changes which drafts are accepted, never the output, which the float64 verifier decides."""
     s["model"].update(head_dim=16, group=2, sections=(4, 2, 2))  # int4 packing needs widths in multiples of 32
     model = tiny_model(**s["model"])
     inputs = video_inputs(np.random.default_rng(s["model"]["seed"]), s["before"], s["after"], s["grid"])
@@ -569,18 +567,15 @@ def test_one_prefill_serves_many_decodes():
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_linears_compute_with_their_dequantized_weights(bits):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def test_quantized_linears_stay_close_to_the_weights(bits):
     torch.manual_seed(bits)
-    linear = torch.nn.Linear(256, 96, bias=True, device=device, dtype=torch.bfloat16 if device == "cuda" else None)
+    linear = torch.nn.Linear(256, 96)
     quantized = std.Int8Linear(linear) if bits == 8 else std.Int4Linear(linear)
-    x = torch.randn(5, 256, device=device, dtype=linear.weight.dtype)
-    step = (linear.weight.float().abs().amax() / 127) if bits == 8 else None
-    exact = x.float() @ linear.weight.float().T + linear.bias.float()
-    error = (quantized(x).float() - exact).norm() / exact.norm()
-    assert error < (0.02 if bits == 8 else 0.15)  # int4 with 16 levels a group: a draft, not a verifier
-    assert error > 1e-4 or step is None  # it really is quantized
-    with pytest.raises(ValueError, match="int4 packing"):
+    x = torch.randn(5, 256)
+    exact = linear(x)
+    error = (quantized(x) - exact).norm() / exact.norm()
+    assert 1e-4 < error < (0.02 if bits == 8 else 0.2)  # quantized for real; int4 is a draft, never a verifier
+    with pytest.raises(ValueError, match="int4 groups need in_features a multiple of 32"):
         std.Int4Linear(torch.nn.Linear(48, 96))
 
 
@@ -602,11 +597,30 @@ def test_cuda_graphs_decode_the_eager_tokens(draft):
 # ---------------------------------------------------------------------------------------------- 5. decode kernel
 
 
+def gpu_or_interpreter():
+    pytest.importorskip("triton", minversion=None if torch.cuda.is_available() else "3.9")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("rows,n,k", [(1, 96, 256), (7, 200, 384), (16, 64, 128)])
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_triton_small_linear_matches_the_reference_path(rows, n, k, bits):
+    device = gpu_or_interpreter()
+    torch.manual_seed(rows * bits)
+    linear = torch.nn.Linear(k, n).to(device)
+    layer = {16: lambda: linear, 8: lambda: std.Int8Linear(linear), 4: lambda: std.Int4Linear(linear)}[bits]()
+    x = torch.randn(rows, k, device=device)
+    weight = {16: linear.weight, 8: getattr(layer, "weight", None), 4: getattr(layer, "packed", None)}[bits]
+    out = model_lib.small_linear(x, weight, linear.bias, getattr(layer, "scale", None), bits=bits,
+                                 group=getattr(layer, "group", 128))
+    dequantized = linear.weight if bits == 16 else layer.dequantized(torch.float32)
+    reference = torch.nn.functional.linear(x, dequantized, linear.bias)
+    assert (out - reference).abs().max() < 1e-3 * reference.abs().max()
+
+
 @pytest.mark.parametrize("batch,new,heads,kv_heads,head_dim", [(1, 1, 4, 2, 16), (2, 7, 8, 2, 32), (3, 3, 6, 3, 64)])
 def test_triton_decode_attention_matches_sdpa(batch, new, heads, kv_heads, head_dim):
-    triton = pytest.importorskip("triton", minversion=None if torch.cuda.is_available() else "3.9")
-    del triton
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = gpu_or_interpreter()
     gen = torch.Generator(device).manual_seed(batch)
     capacity = 700
     q = torch.randn(batch, new, heads, head_dim, device=device, generator=gen)
