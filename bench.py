@@ -9,6 +9,7 @@ Time does not depend on the weights' values, acceptance does: with random weight
 the measured acceptance print what the measured step times would give at a per-token acceptance of 0.5, 0.7, 0.9.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -230,7 +231,7 @@ def video_mode(args, model, processor, device, random_weights):
         print(f"Sparse-to-Dense k={k} gamma={gamma} ...", file=sys.stderr)
         sparse, sparse_peak = run(model, batch, args, device, k=k, gamma=gamma, draft=args.draft)
         for b, (inputs, frames, decode_s) in enumerate(prompts):
-            reference = alone[b][0][0] if alone else dense[b]
+            reference = alone[b][0] if alone else dense[b]
             verdict, index, margin = first_difference(model, inputs, reference.tokens, sparse[b].tokens)
             entry = describe_run(model, inputs, frames, decode_s, dense[b], sparse[b], k, gamma, bandwidth)
             entry.update(sequence=b, batch=args.batch, draft=args.draft, match=index is None, verdict=verdict,
@@ -444,12 +445,18 @@ def print_steps_report(report, args):
 
 
 def documents_mode(args, model, processor, device):
-    """Acceptance with real weights: each document is the prunable context of a question about it."""
+    """Acceptance with real weights: each document is the prunable context of a question about it.
+
+    One prefill per prompt serves every configuration. "oracle" is the top-k draft with its positions chosen by the
+    attention of the dense answer's own tokens (known only afterwards): an upper bound for re-selecting the kept
+    set from the newest tokens during decoding.
+    """
     if processor is None:
         sys.exit("--documents needs a checkpoint with tokenizer.json")
-    configs = [("topk", k, g) for k in (256, 512, 1024) for g in (2, 4, 6, 8)]
-    configs += [(kind, 512, g) for kind in ("topk-int8", "topk-int4", "streaming") for g in (4, 6)]
-    configs += [("layerskip", None, g) for g in (4, 6)]
+    gammas = (2, 4, 6, 8)
+    configs = ([("topk", k, g) for k in (256, 512, 1024) for g in gammas]
+               + [(kind, 1024, g) for kind in ("topk-int8", "topk-int4", "streaming", "oracle") for g in (4, 6)]
+               + [("layerskip", None, g) for g in (4, 6)])
     step_times = json.loads(open(args.step_times).read()) if args.step_times else None
     totals = {c: dict(accepted=0, drafted=0, tokens=0, rounds=0, prompts=0, matches=0) for c in configs}
     prompts = []
@@ -465,14 +472,17 @@ def documents_mode(args, model, processor, device):
             select = torch.zeros(len(head) + len(document) + len(tail), dtype=torch.bool)
             select[len(head) : len(head) + len(document)] = True
             prompts.append((path, question, Inputs(torch.tensor(head + document + tail)), select))
+    start = time.perf_counter()
     for n, (path, question, inputs, select) in enumerate(prompts, 1):
-        print(f"[{n}/{len(prompts)}] {os.path.basename(path)} ({len(inputs.input_ids)} tokens): {question}",
-              file=sys.stderr)
-        dense = std.generate(model, inputs, args.max_new_tokens).tokens
+        print(f"[{n}/{len(prompts)}, {time.perf_counter() - start:.0f}s] {os.path.basename(path)} "
+              f"({len(inputs.input_ids)} tokens): {question}", file=sys.stderr)
+        prefilled = std.prefill(model, inputs, args.max_new_tokens + 2 * (max(gammas) + 1), select)
+        dense = std.decode(prefilled, args.max_new_tokens)[0].tokens
+        oracle = answer_attention(model, prefilled, inputs, dense)
         for c in configs:
             kind, k, gamma = c
-            r = std.generate(model, inputs, args.max_new_tokens, k=k, gamma=gamma, draft=kind,
-                             select=None if kind == "layerskip" else select)
+            source = oracle if kind == "oracle" else prefilled
+            r = std.decode(source, args.max_new_tokens, k=k, gamma=gamma, draft="topk" if kind == "oracle" else kind)[0]
             t = totals[c]
             t["accepted"] += r.stats.accepted
             t["drafted"] += r.stats.drafted
@@ -481,8 +491,9 @@ def documents_mode(args, model, processor, device):
             t["prompts"] += 1
             t["matches"] += r.tokens == dense
     report = dict(device=describe(device), model=args.model, prompts=len(prompts), max_new_tokens=args.max_new_tokens,
-                  documents=args.documents, configs=[])
-    print(f"\n{len(prompts)} prompts, {args.max_new_tokens} new tokens at most; acceptance and tokens per round are "
+                  documents=args.documents, questions=QUESTIONS, configs=[],
+                  step_times=step_times and dict(model=step_times["model"], device=step_times["device"]))
+    print(f"\n{len(prompts)} prompts, at most {args.max_new_tokens} new tokens; acceptance and tokens per round are "
           "ratios of sums over the prompts")
     header = f"{'draft':>10} {'k':>5} {'gamma':>5} {'acceptance':>10} {'tok/round':>9} {'match':>6}"
     if step_times:
@@ -491,13 +502,14 @@ def documents_mode(args, model, processor, device):
     print(header)
     for (kind, k, gamma), t in totals.items():
         acceptance = t["accepted"] / max(1, t["drafted"])
-        tpr = t["tokens"] / max(1, t["rounds"] - t["prompts"])  # rounds after each prompt's prefill
+        tpr = (t["tokens"] - t["prompts"]) / max(1, t["rounds"] - t["prompts"])  # per verification: prefills aside
         entry = dict(draft=kind, k=k, gamma=gamma, acceptance=acceptance, tokens_per_verification=tpr,
                      match=t["matches"], prompts=t["prompts"], projected={})
         line = f"{kind:>10} {str(k):>5} {gamma:>5} {acceptance:>10.1%} {tpr:>9.2f} {t['matches']:>3}/{t['prompts']}"
         if step_times:
             for row in step_times["rows"]:
-                d = row["drafts"]["topk" if kind == "streaming" else kind]  # streaming: the top-k draft's step
+                # The streaming and oracle drafts take the top-k draft's step: same cache size, same weights.
+                d = row["drafts"]["topk" if kind in ("streaming", "oracle") else kind]
                 verify = row["verify_ms"].get(str(gamma))
                 if verify is not None:
                     entry["projected"][row["context"]] = tpr * row["dense_ms"] / (gamma * d["draft_ms"] + verify)
@@ -505,6 +517,16 @@ def documents_mode(args, model, processor, device):
         print(line)
         report["configs"].append(entry)
     return report
+
+
+def answer_attention(model, prefilled, inputs, answer):
+    """The prefill with its scoring queries replaced by those of the dense answer's tokens."""
+    ids = torch.cat([inputs.input_ids, torch.tensor(answer[:-1], dtype=torch.long)])
+    with torch.inference_mode():
+        embeds, pos = model.embed(Inputs(ids))
+        rows = torch.arange(len(inputs.input_ids), len(ids), device=model.device)
+        _, queries = model.prefill(embeds, pos, model.new_cache(1, len(ids)), 0, rows)
+    return dataclasses.replace(prefilled, queries=[queries], query_pos=[rows])
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -658,8 +658,9 @@ def test_bench_steps_mode_runs(tmp_path):
 def test_bench_runs_end_to_end_on_the_cpu(tmp_path):
     report = tmp_path / "report.json"
     run = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--max-new-tokens", "12", "--k", "8",
-                          "--gamma", "3", "--json", str(report)], capture_output=True, text=True, cwd=tmp_path)
+                          "--gamma", "3", "--batch", "2", "--clip-seconds", "4", "--json", str(report)],
+                         capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    assert "RANDOM WEIGHTS" in run.stdout and "MATCH" in run.stdout
-    data = json.loads(report.read_text())
-    assert data["runs"][0]["match"] is True
+    assert "RANDOM WEIGHTS" in run.stdout and "MATCH" in run.stdout and "batch of 2" in run.stdout
+    runs = json.loads(report.read_text())["runs"]
+    assert [r["sequence"] for r in runs] == [0, 1] and all(r["match"] for r in runs)
