@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 import torch
+from torch._dynamo.utils import counters
 
 import load
 import std
@@ -240,6 +241,9 @@ def video_mode(args, model, processor, device, random_weights):
             report["runs"].append(entry)
     if args.transformers:
         report["transformers"] = transformers_times(args, model, batch[0], device)
+    # Compilation happens while the CUDA graphs are captured; decoding only replays them, so these stay put.
+    report["compiled_graphs"] = counters["stats"]["unique_graphs"]
+    report["graph_breaks"] = sum(counters["graph_break"].values())
     print_video_report(report, args)
     return report
 
@@ -299,6 +303,8 @@ def print_video_report(report, args):
         tokens_d, tokens_s = sum(r["dense_tokens"] for r in first), sum(r["std_tokens"] for r in first)
         print(f"batch of {args.batch}: dense {tokens_d / first[0]['dense_decode_s']:.1f} tokens/s, "
               f"StD {tokens_s / first[0]['std_decode_s']:.1f} tokens/s (decode only, all sequences)")
+    print(f"torch.compile: {report['compiled_graphs']} graphs compiled (at capture), "
+          f"{report['graph_breaks']} graph breaks")
     hf = report.get("transformers")
     if hf:
         print(f"transformers generate: {hf['ms_per_token']:.2f} ms/token decode ({hf['attn']}), "
@@ -435,8 +441,9 @@ def print_steps_report(report, args):
             head = (f"{row['context']:>8} {row['dense_ms']:>9.2f} {row['dense_floor_ms']:>9.2f} "
                     f"{row['fraction_of_floor']:>8.0%} {verify:>12.2f} {verify / row['dense_ms']:>7.2f}") if i == 0 \
                 else " " * 57
-            print(f"{head} | {kind:>10} {d['draft_ms']:>8.2f} {d['floor_ms']:>9.2f} {d['draft_ms'] / d['floor_ms']:>7.2f}"
-                  " | " + " ".join(f"{d['projected'][str(a)][g]:>5.2f}x" for a in ACCEPTANCES))
+            ratio = d["draft_ms"] / d["floor_ms"]
+            print(f"{head} | {kind:>10} {d['draft_ms']:>8.2f} {d['floor_ms']:>9.2f} {ratio:>7.2f} | "
+                  + " ".join(f"{d['projected'][str(a)][g]:>5.2f}x" for a in ACCEPTANCES))
     print("floors: bytes a step must read / read bandwidth. dense: weights + cache; top-k drafts: their weights "
           "(the small cache aside); layerskip: half the weights and half the cache")
 

@@ -19,7 +19,7 @@ from vision import VisionConfig, VisionTransformer, rotate_half
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs: decode attention then runs through SDPA with a mask
+except ImportError:  # CPU-only installs: decoding on the CPU needs no Triton, decoding on a GPU does
     triton = None
 
 
@@ -104,11 +104,16 @@ def attend_cache(q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
     """q [B, T, Hq, D] of tokens at slots lengths..lengths+T-1 (already written) -> [B, T, Hq * D], causal."""
     if q.is_cuda:
         return decode_attention(q, cache.k, cache.v, cache.lengths, cache.splits)
-    B, T = q.shape[:2]
+    # The query heads of a KV head become rows of one attention (row = head in group, token), like the GPU kernel:
+    # each key is read once, never repeated per query head.
+    B, T, Hq, D = q.shape
+    Hkv = cache.k.shape[1]
+    rows = q.view(B, T, Hkv, Hq // Hkv, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, -1, D)
+    token = torch.arange(rows.shape[2], device=q.device) % T
     slots = torch.arange(cache.k.shape[2], device=q.device)
-    visible = slots <= (cache.lengths[:, None, None] + torch.arange(T, device=q.device)[:, None])  # [B, T, S]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k, cache.v, attn_mask=visible[:, None], enable_gqa=True)
-    return out.transpose(1, 2).reshape(B, T, -1)
+    visible = slots <= (cache.lengths[:, None, None] + token[:, None])  # [B, rows, S]
+    out = F.scaled_dot_product_attention(rows, cache.k, cache.v, attn_mask=visible[:, None])
+    return out.view(B, Hkv, Hq // Hkv, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, Hq * D)
 
 
 if triton is not None:
@@ -249,12 +254,17 @@ def small_linear(x, weight, bias=None, scale=None, bits: int = 16, group: int = 
     return y.view(*x.shape[:-1], N)
 
 
+def decode_rows(x: torch.Tensor) -> bool:
+    """A decode step's few rows on a GPU: the case of the Triton kernel above."""
+    return x.is_cuda and x.numel() <= 16 * x.shape[-1]
+
+
 class Linear(nn.Linear):
-    """nn.Linear whose decode steps (a few rows on a GPU) stream the weight through the Triton kernel above;
-    cuBLAS reads these matrix-vector products well under the memory bandwidth."""
+    """nn.Linear whose decode steps stream the weight through the Triton kernel above: cuBLAS reads these
+    matrix-vector products well under the memory bandwidth."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.numel() <= 16 * x.shape[-1]:
+        if decode_rows(x):
             return small_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
@@ -398,9 +408,9 @@ class Qwen2VL(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 
-    def new_cache(self, batch: int, capacity: int, n_layers: int | None = None) -> KVCache:
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.config
-        return KVCache(n_layers or c.n_layers, batch, c.n_kv_heads, capacity, c.head_dim, self.dtype, self.device)
+        return KVCache(c.n_layers, batch, c.n_kv_heads, capacity, c.head_dim, self.dtype, self.device)
 
     def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """pos [3, ...] -> cos, sin [..., D]; frequency i turns with the t, h or w position by mrope_section."""
@@ -416,7 +426,7 @@ class Qwen2VL(nn.Module):
         return (input_ids == self.config.video_token_id) | (input_ids == self.config.image_token_id)
 
     def embed(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """A prompt (input_ids, pixel_values, grid_thw) -> embeddings [L, dim] with the video inside, positions [3, L]."""
+        """A prompt (input_ids, pixel_values, grid_thw) -> embeddings [L, dim], video inside; positions [3, L]."""
         ids = inputs.input_ids.to(self.device)
         x = self.embed_tokens(ids)
         visual = self.visual_mask(ids)

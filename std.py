@@ -32,7 +32,7 @@ import torch._dynamo
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Block, KVCache, Qwen2VL, small_linear
+from model import Block, KVCache, Qwen2VL, decode_rows, small_linear
 
 DRAFTS = ("topk", "topk-int8", "topk-int4", "streaming", "layerskip")
 STREAMING_SINKS = 4
@@ -56,7 +56,8 @@ class Stats:
 
     @property
     def tokens_per_round(self) -> float:
-        return (self.accepted + self.rounds) / self.rounds if self.rounds else float("nan")
+        """Mean tokens a verification emits (the prefill's token aside): the paper's mean accepted length."""
+        return (self.accepted + self.rounds - 1) / (self.rounds - 1) if self.rounds > 1 else float("nan")
 
 
 @dataclass
@@ -107,7 +108,7 @@ def streaming_positions(selectable: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([positions[:sinks], positions[len(positions) - (k - sinks) :]])
 
 
-def fill_draft_row(draft: KVCache, dense: KVCache, row: int, kept: list[torch.Tensor], always: torch.Tensor) -> int:
+def fill_draft_row(draft: KVCache, dense: KVCache, row: int, kept: list[torch.Tensor], always: torch.Tensor):
     """Copy the kept positions (per layer, [Hkv, K]) and the always-kept ones into `draft` row `row`, prompt order."""
     for i, positions in enumerate(kept):
         positions = torch.cat([positions, always.expand(positions.shape[0], -1)], dim=1).sort(dim=1).values
@@ -115,15 +116,9 @@ def fill_draft_row(draft: KVCache, dense: KVCache, row: int, kept: list[torch.Te
         n = positions.shape[1]
         draft.k[i][row, :, :n] = dense.k[i][row].gather(1, index)
         draft.v[i][row, :, :n] = dense.v[i][row].gather(1, index)
-    return n
 
 
 # ---------------------------------------------------------------------------------------------- quantized drafts
-
-
-def decode_rows(x: torch.Tensor) -> bool:
-    """A decode step's few rows on a GPU: the Triton kernel's case (see model.Linear)."""
-    return x.is_cuda and x.numel() <= 16 * x.shape[-1]
 
 
 class Int8Linear(nn.Module):
@@ -189,8 +184,8 @@ def quantized_drafter(model: Qwen2VL, bits: int) -> Qwen2VL:
 
         def copy_with_quantized_linears(module: nn.Module) -> nn.Module:
             clone = copy.copy(module)
-            clone._modules = {name: quantize(child) if isinstance(child, nn.Linear) else copy_with_quantized_linears(child)
-                              for name, child in module._modules.items()}
+            clone._modules = {name: quantize(child) if isinstance(child, nn.Linear)
+                              else copy_with_quantized_linears(child) for name, child in module._modules.items()}
             return clone
 
         drafter = copy.copy(model)
@@ -244,7 +239,8 @@ def dense_step(model: Qwen2VL, dense: KVCache, s: DecodeState, layer_fn=Block.fo
 def draft_steps(draft: Draft, s: DecodeState, gamma: int, layer_fn=Block.forward) -> None:
     token = s.last
     for i in range(gamma):
-        logits = draft.model.decode(token[:, None], (s.pos + i)[:, None], draft.cache, draft.n_layers, layer_fn=layer_fn)
+        logits = draft.model.decode(token[:, None], (s.pos + i)[:, None], draft.cache, draft.n_layers,
+                                    layer_fn=layer_fn)
         token = logits[:, 0].argmax(-1)
         draft.cache.lengths += 1
         s.drafts[:, i] = token

@@ -150,14 +150,16 @@ class VisionTransformer(nn.Module):
                 out.append(self.merger(x))
                 start += pairs * h * w
         if start != pixel_values.shape[0]:
-            raise ValueError(f"grid_thw {grid_thw.tolist()} covers {start} patches, pixel_values has {pixel_values.shape[0]}")
+            raise ValueError(f"grid_thw {grid_thw.tolist()} covers {start} patches, "
+                             f"pixel_values has {pixel_values.shape[0]}")
         return torch.cat(out)
 
 
 # ---------------------------------------------------------------------------------------------- video input
 
 
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280):
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
     """The Qwen2-VL resize rule: both sides multiples of `factor`, area within budget, aspect ratio kept."""
     if max(height, width) / min(height, width) > 200:
         raise ValueError(f"aspect ratio of a {width}x{height} frame is over 200")
@@ -198,7 +200,7 @@ def read_video(path: str, fps: float = FPS, max_frames: int = MAX_FRAMES) -> np.
     try:
         import av
     except ImportError as e:
-        raise ImportError("decoding video files needs PyAV: pip install 'std-decoding[video]' (or pip install av)") from e
+        raise ImportError("decoding video files needs PyAV: pip install av (the 'video' extra)") from e
     try:
         with av.open(path) as container:
             if not container.streams.video:
