@@ -53,12 +53,20 @@ def parse_args(argv=None):
     p.add_argument("--transformers", action="store_true", help="also time transformers' generate on the prompt")
     p.add_argument("--steps", help="comma-separated contexts: time decode steps on synthetic caches of these lengths")
     p.add_argument("--documents", nargs="*", help="text files: measure acceptance with each as the prunable context")
-    p.add_argument("--step-times", help="--steps JSON to project the --documents acceptance onto a GPU")
+    p.add_argument("--step-times", nargs="+", help="--steps JSON files to project the --documents acceptance onto "
+                   "a GPU")
+    p.add_argument("--reselect", type=int, metavar="N", help="with --documents: compare top-k against re-choosing "
+                   "the kept set every N tokens from the newest tokens' attention (k and gamma from --k, --gamma)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--json", help="write every number measured here to this file")
     args = p.parse_args(argv)
     for name in ("max_new_tokens", "k", "gamma", "batch", "max_frames"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if (args.reselect is not None or args.step_times) and not args.documents:
+        p.error("--reselect and --step-times go with --documents")
+    if args.reselect is not None and args.reselect < 1:
+        p.error("--reselect must be at least 1")
     return args
 
 
@@ -460,12 +468,18 @@ def documents_mode(args, model, processor, device):
     """
     if processor is None:
         sys.exit("--documents needs a checkpoint with tokenizer.json")
-    gammas = (2, 4, 6, 8)
-    configs = ([("topk", k, g) for k in (256, 512, 1024) for g in gammas]
-               + [(kind, 1024, g) for kind in ("topk-int8", "topk-int4", "streaming", "oracle") for g in (4, 6)]
-               + [("layerskip", None, g) for g in (4, 6)])
-    step_times = json.loads(open(args.step_times).read()) if args.step_times else None
-    totals = {c: dict(accepted=0, drafted=0, tokens=0, rounds=0, prompts=0, matches=0) for c in configs}
+    # K sweep at gamma 4, gamma sweep at K 1024, every draft kind at (1024, 4), the paper's Table 1 setting (9)
+    configs = ([("topk", k, 4) for k in (256, 512, 1024, 2048)] + [("topk", 1024, g) for g in (2, 6, 9)]
+               + [(kind, 1024, 4) for kind in ("topk-int8", "topk-int4", "oracle")]
+               + [("streaming", 1024, g) for g in (4, 9)] + [("layerskip", None, g) for g in (4, 9)])
+    gammas = sorted({gamma for _, _, gamma in configs})
+    if args.reselect:
+        configs = [(kind, args.k, args.gamma) for kind in ("topk", "oracle", "reselect")]
+    # Each (batch, context) row of the --steps files becomes a projection column.
+    step_rows = [(f"{s['batch']}x{row['context']}", row) for path in args.step_times or ()
+                 for s in [json.loads(open(path).read())] for row in s["rows"]]
+    step_models = {json.loads(open(path).read())["model"] for path in args.step_times or ()}
+    totals = {c: dict(accepted=0, drafted=0, tokens=0, rounds=0, prompts=0, prefills=0, matches=0) for c in configs}
     prompts = []
     for path in args.documents:
         document = processor.encode(open(path, encoding="utf-8", errors="replace").read())[:8192]
@@ -488,42 +502,80 @@ def documents_mode(args, model, processor, device):
         oracle = answer_attention(model, prefilled, inputs, dense)
         for c in configs:
             kind, k, gamma = c
-            source = oracle if kind == "oracle" else prefilled
-            r = std.decode(source, args.max_new_tokens, k=k, gamma=gamma, draft="topk" if kind == "oracle" else kind)[0]
+            if kind == "reselect":
+                r, prefills = reselecting_decode(model, inputs, select, args.max_new_tokens, k, gamma, args.reselect)
+            else:
+                source = oracle if kind == "oracle" else prefilled
+                r = std.decode(source, args.max_new_tokens, k=k, gamma=gamma,
+                               draft="topk" if kind == "oracle" else kind)[0]
+                prefills = 1
             t = totals[c]
             t["accepted"] += r.stats.accepted
             t["drafted"] += r.stats.drafted
             t["tokens"] += len(r.tokens)
             t["rounds"] += r.stats.rounds
             t["prompts"] += 1
+            t["prefills"] += prefills
             t["matches"] += r.tokens == dense
+        if args.json:  # an interrupted study keeps what it measured; the full report replaces this at the end
+            with open(args.json, "w") as f:
+                json.dump(dict(partial=True, prompts_done=n, totals=[dict(draft=c[0], k=c[1], gamma=c[2], **t)
+                                                                     for c, t in totals.items()]), f, indent=1)
     report = dict(device=describe(device), model=args.model, prompts=len(prompts), max_new_tokens=args.max_new_tokens,
                   documents=args.documents, questions=QUESTIONS, configs=[],
-                  step_times=step_times and dict(model=step_times["model"], device=step_times["device"]))
+                  step_times=args.step_times)
     print(f"\n{len(prompts)} prompts, at most {args.max_new_tokens} new tokens; acceptance and tokens per round are "
           "ratios of sums over the prompts")
     header = f"{'draft':>10} {'k':>5} {'gamma':>5} {'acceptance':>10} {'tok/round':>9} {'match':>6}"
-    if step_times:
-        contexts = [row["context"] for row in step_times["rows"]]
-        header += " | projected speedup on " + step_times["model"] + " at " + ", ".join(map(str, contexts))
+    if step_rows:
+        header += (" | projected speedup on " + ", ".join(sorted(step_models)) + " at batch x context "
+                   + ", ".join(name for name, _ in step_rows))
     print(header)
     for (kind, k, gamma), t in totals.items():
         acceptance = t["accepted"] / max(1, t["drafted"])
-        tpr = (t["tokens"] - t["prompts"]) / max(1, t["rounds"] - t["prompts"])  # per verification: prefills aside
+        prefills = t["prefills"]
+        tpr = (t["tokens"] - prefills) / max(1, t["rounds"] - prefills)  # per verification: prefills aside
         entry = dict(draft=kind, k=k, gamma=gamma, acceptance=acceptance, tokens_per_verification=tpr,
-                     match=t["matches"], prompts=t["prompts"], projected={})
+                     match=t["matches"], prompts=t["prompts"], prefills=prefills,
+                     **{n: t[n] for n in ("accepted", "drafted", "tokens", "rounds")}, projected={})
         line = f"{kind:>10} {str(k):>5} {gamma:>5} {acceptance:>10.1%} {tpr:>9.2f} {t['matches']:>3}/{t['prompts']}"
-        if step_times:
-            for row in step_times["rows"]:
-                # The streaming and oracle drafts take the top-k draft's step: same cache size, same weights.
-                d = row["drafts"]["topk" if kind in ("streaming", "oracle") else kind]
+        if step_rows:
+            for name, row in step_rows:
+                # The streaming, oracle and reselect drafts take the top-k draft's step: same cache size and weights
+                # (reselect's refreshes are not counted).
+                d = row["drafts"][kind if kind in row["drafts"] else "topk"]
                 verify = row["verify_ms"].get(str(gamma))
                 if verify is not None:
-                    entry["projected"][row["context"]] = tpr * row["dense_ms"] / (gamma * d["draft_ms"] + verify)
-            line += " | " + " ".join(f"{v:.2f}x" for v in entry["projected"].values())
+                    entry["projected"][name] = tpr * row["dense_ms"] / (gamma * d["draft_ms"] + verify)
+            line += " | " + " ".join(f"{entry['projected'][name]:.2f}x" if name in entry["projected"] else "-"
+                                     for name, _ in step_rows)
         print(line)
         report["configs"].append(entry)
     return report
+
+
+def reselecting_decode(model, inputs, select, max_new_tokens, k, gamma, period):
+    """Top-k decoding whose kept set is re-chosen every `period` tokens by the newest `period` tokens' attention.
+
+    An experiment: each refresh prefills prompt + answer so far and decodes on from there (the output stays dense
+    greedy decoding, which the caller checks). On a GPU a refresh would instead score the cache with the queries
+    the verify steps computed, about one attention pass over the prompt.
+    """
+    tokens, stats, prefills = [], std.Stats(), 0  # prefills: each starts a segment and emits its first token
+    stops = set(model.config.stop_token_ids)
+    while len(tokens) < max_new_tokens and not (tokens and tokens[-1] in stops):
+        ids = torch.cat([inputs.input_ids, torch.tensor(tokens, dtype=torch.long)])
+        mask = torch.cat([select, torch.zeros(len(tokens), dtype=torch.bool)])
+        p = std.prefill(model, Inputs(ids), max_new_tokens + 2 * (gamma + 1), mask)
+        if tokens:  # score with the newest tokens only
+            newest = p.query_pos[0] >= len(ids) - period
+            p = dataclasses.replace(p, queries=[[q[newest] for q in p.queries[0]]], query_pos=[p.query_pos[0][newest]])
+        r = std.decode(p, min(period, max_new_tokens - len(tokens)), k=k, gamma=gamma)[0]
+        tokens += r.tokens
+        prefills += 1
+        for name in ("drafted", "accepted", "rounds"):
+            setattr(stats, name, getattr(stats, name) + getattr(r.stats, name))
+    return std.Result(tokens, stats), prefills
 
 
 def answer_attention(model, prefilled, inputs, answer):
@@ -550,7 +602,7 @@ def main(argv=None):
     if args.model is None:
         big = device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory > 40e9
         args.model = "qwen2-vl-7b" if big else "qwen2-vl-2b" if device.type == "cuda" else "tiny"
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
     random_weights = args.model in load.PRESETS
     print(f"loading {args.model} on {device} ...", file=sys.stderr)
     model, processor = load.load(args.model, device=device, dtype=dtype)
@@ -560,6 +612,7 @@ def main(argv=None):
         report = documents_mode(args, model, processor, device)
     else:
         report = video_mode(args, model, processor, device, random_weights)
+    report["dtype"] = str(dtype).removeprefix("torch.")
     report["command"] = " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:]))
     report["date"] = time.strftime("%Y-%m-%d")
     if args.json:

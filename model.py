@@ -198,7 +198,7 @@ if triton is not None:
     @triton.jit
     def _small_linear_kernel(X, W, Scale, Bias, Y, M, N, K, sxm, swn, ssn, sym, BITS: tl.constexpr,
                              HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_K: tl.constexpr):
+                             BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
         # y[M, N] = x[M, K] @ w[N, K]^T for the few rows of a decode step: each program streams BLOCK_N rows of the
         # weight once. BITS 16: w as it is. 8: int8 rows, a scale each. 4: a group of BLOCK_K columns per scale,
         # byte j of a group holding column j (low nibble) and column j + BLOCK_K / 2 (high nibble), offset by 8.
@@ -217,12 +217,13 @@ if triton is not None:
                 w_lo = ((packed & 0xF).to(tl.int8) - 8).to(x_lo.dtype)
                 w_hi = ((packed >> 4).to(tl.int8) - 8).to(x_lo.dtype)
                 scale = tl.load(Scale + rn * ssn + k0 // BLOCK_K, mask=n_ok, other=0.0).to(tl.float32)
-                acc += (tl.dot(x_lo, tl.trans(w_lo)) + tl.dot(x_hi, tl.trans(w_hi))) * scale[None, :]
+                acc += (tl.dot(x_lo, tl.trans(w_lo), input_precision=PRECISION)
+                        + tl.dot(x_hi, tl.trans(w_hi), input_precision=PRECISION)) * scale[None, :]
             else:
                 rk = k0 + tl.arange(0, BLOCK_K)
                 x = tl.load(X + rm[:, None] * sxm + rk[None, :], mask=m_ok[:, None] & (rk < K)[None, :], other=0.0)
                 w = tl.load(W + rn[:, None] * swn + rk[None, :], mask=n_ok[:, None] & (rk < K)[None, :], other=0.0)
-                acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
         if BITS == 8:
             acc *= tl.load(Scale + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
@@ -248,7 +249,8 @@ def small_linear(x, weight, bias=None, scale=None, bits: int = 16, group: int = 
     _small_linear_kernel[(triton.cdiv(N, block_n), triton.cdiv(M, block_m))](
         flat, weight, scale if scale is not None else weight, bias if bias is not None else weight, y, M, N, K,
         flat.stride(0), weight.stride(0), scale.stride(0) if bits == 4 else 1, y.stride(0), BITS=bits,
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4,
         num_stages=4 if bits == 8 else 5,
     )
     return y.view(*x.shape[:-1], N)
