@@ -11,7 +11,6 @@ the measured acceptance print what the measured step times would give at a per-t
 import argparse
 import dataclasses
 import json
-import math
 import os
 import statistics
 import sys
@@ -74,7 +73,7 @@ def parse_args(argv=None):
 
 
 def read_bandwidth(device) -> float:
-    """Bytes per second one kernel reads from device memory (a sum over 4 GiB): the decoder's ceiling."""
+    """Bytes per second one kernel reads from memory (a sum over 4 GiB on a GPU, 512 MiB on the CPU): the ceiling."""
     if device.type != "cuda":
         x = torch.ones(2**27, dtype=torch.float32)
         return x.nbytes / (median_ms(lambda: x.sum(), reps=5) / 1e3)
@@ -184,9 +183,10 @@ def run(model, inputs, args, device, **kw):
     return results, peak_memory(device)
 
 
-def per_token_ms(result) -> float:
+def per_token_ms(result) -> float | None:
+    """Decode time per token after the first (which comes from prefill); None if decoding never ran."""
     s = result.stats
-    return 1e3 * (s.draft_s + s.verify_s) / max(1, len(result.tokens) - 1)  # the first token comes from prefill
+    return 1e3 * (s.draft_s + s.verify_s) / (len(result.tokens) - 1) if len(result.tokens) > 1 else None
 
 
 def step_ms(result, gamma):
@@ -225,13 +225,12 @@ def video_mode(args, model, processor, device, random_weights):
                   read_bandwidth=bandwidth)
 
     print("warming up (compiles the decode steps on a GPU) ...", file=sys.stderr)
-    warm = [Inputs(p.input_ids, p.pixel_values, p.grid_thw) for p in batch]
-    std.generate(model, warm, min(4, args.max_new_tokens))
-    std.generate(model, warm, min(2 * args.gamma + 2, args.max_new_tokens), k=args.k, gamma=args.gamma,
-                 draft=args.draft)
+    k = None if args.draft == "layerskip" else args.k  # an early exit keeps the whole cache
+    std.generate(model, batch, min(4, args.max_new_tokens))
+    std.generate(model, batch, min(2 * args.gamma + 2, args.max_new_tokens), k=k, gamma=args.gamma, draft=args.draft)
 
-    configs = [(args.k, args.gamma)]
-    if args.sweep:
+    configs = [(k, args.gamma)]
+    if args.sweep and k is not None:
         configs += [(k, g) for k in (256, 512, 1024, 2048, 4096) for g in (2, 4, 6, 9) if (k, g) != configs[0]]
     print("dense decoding ...", file=sys.stderr)
     alone = [run(model, p, args, device) for p in batch] if args.batch > 1 else None
@@ -242,26 +241,29 @@ def video_mode(args, model, processor, device, random_weights):
         for b, (inputs, frames, decode_s) in enumerate(prompts):
             reference = alone[b][0] if alone else dense[b]
             verdict, index, margin = first_difference(model, inputs, reference.tokens, sparse[b].tokens)
-            entry = describe_run(model, inputs, frames, decode_s, dense[b], sparse[b], k, gamma, bandwidth)
+            entry = describe_run(model, inputs, frames, decode_s, dense[b], sparse[b], k, gamma, bandwidth,
+                                 batch_context=sum(len(p.input_ids) for p in batch))
             entry.update(sequence=b, batch=args.batch, draft=args.draft, match=index is None, verdict=verdict,
                          first_difference=index, margin=margin, dense_peak_bytes=dense_peak,
                          std_peak_bytes=sparse_peak)
             report["runs"].append(entry)
     if args.transformers:
         report["transformers"] = transformers_times(args, model, batch[0], device)
-    # Compilation happens while the CUDA graphs are captured; decoding only replays them, so these stay put.
+    # Compilation happens only while the CUDA graphs are captured (decoding replays them): these count it all.
     report["compiled_graphs"] = counters["stats"]["unique_graphs"]
     report["graph_breaks"] = sum(counters["graph_break"].values())
     print_video_report(report, args)
     return report
 
 
-def describe_run(model, inputs, frames, decode_s, dense, sparse, k, gamma, bandwidth):
+def describe_run(model, inputs, frames, decode_s, dense, sparse, k, gamma, bandwidth, batch_context):
+    """One sequence's figures. Times are the batch's: a step of a batch of B reads the caches of all B."""
     context = len(inputs.input_ids)
     n_visual = int(model.visual_mask(inputs.input_ids).sum())
     dense_ms, sparse_ms = per_token_ms(dense), per_token_ms(sparse)
+    timed = dense_ms is not None and sparse_ms is not None
     draft_ms, verify_ms = step_ms(sparse, gamma)
-    floor_ms = 1e3 * (weight_bytes(model) + kv_bytes_per_token(model) * context) / bandwidth
+    floor_ms = 1e3 * (weight_bytes(model) + kv_bytes_per_token(model) * batch_context) / bandwidth
     s, d = sparse.stats, dense.stats
     end_to_end = lambda st: decode_s + st.vision_s + st.prefill_s + st.select_s + st.draft_s + st.verify_s
     return dict(
@@ -269,11 +271,13 @@ def describe_run(model, inputs, frames, decode_s, dense, sparse, k, gamma, bandw
         vision_s=d.vision_s, prefill_s=d.prefill_s, select_s=s.select_s, capture_s=s.capture_s,
         dense_tokens=len(dense.tokens), std_tokens=len(sparse.tokens), dense_ms_per_token=dense_ms,
         std_ms_per_token=sparse_ms, draft_step_ms=draft_ms, verify_step_ms=verify_ms,
-        acceptance=s.acceptance_rate, tokens_per_round=s.tokens_per_round, speedup=dense_ms / sparse_ms,
+        acceptance=s.acceptance_rate, tokens_per_round=s.tokens_per_round,
+        speedup=dense_ms / sparse_ms if timed else None,
         dense_decode_s=d.draft_s + d.verify_s, std_decode_s=s.draft_s + s.verify_s,
         dense_end_to_end_s=end_to_end(d), std_end_to_end_s=end_to_end(s), floor_ms=floor_ms,
-        fraction_of_floor=floor_ms / dense_ms,
-        projected={str(a): projected_speedup(a, gamma, dense_ms, draft_ms, verify_ms) for a in ACCEPTANCES},
+        fraction_of_floor=floor_ms / dense_ms if timed else None,
+        projected={str(a): projected_speedup(a, gamma, dense_ms, draft_ms, verify_ms) if timed else None
+                   for a in ACCEPTANCES},
     )
 
 
@@ -300,15 +304,18 @@ def print_video_report(report, args):
     print(f"{'dense peak memory':22}" + "".join(f"{fmt_gb(r['dense_peak_bytes']):>22}" for r in runs))
     print(f"{'StD peak memory':22}" + "".join(f"{fmt_gb(r['std_peak_bytes']):>22}" for r in runs))
     for a in ACCEPTANCES:
-        print(f"{'projected @ ' + str(a):22}" + "".join(f"{r['projected'][str(a)]:>21.2f}x" for r in runs))
+        print(f"{'projected @ ' + str(a):22}" + "".join(f"{r['projected'][str(a)]:>21.2f}x"
+                                                        if r["projected"][str(a)] is not None else f"{'-':>22}"
+                                                        for r in runs))
     print(f"{'output':22}" + "".join(f"{'MATCH' if r['match'] else 'DIFFER @' + str(r['first_difference']):>22}"
                                      for r in runs))
     for r in runs:
         if not r["match"]:
             print(f"sequence {r['sequence']} k={r['k']} gamma={r['gamma']}: {r['verdict']}")
-    if args.batch > 1:
-        first = [r for r in runs if r["k"] == args.k and r["gamma"] == args.gamma]
-        tokens_d, tokens_s = sum(r["dense_tokens"] for r in first), sum(r["std_tokens"] for r in first)
+    first = runs[: args.batch]  # the first configuration, every sequence
+    if args.batch > 1 and first[0]["dense_decode_s"] > 0 and first[0]["std_decode_s"] > 0:
+        # Decode only: the tokens after each sequence's first (which comes from prefill) over the batch's decode time.
+        tokens_d, tokens_s = sum(r["dense_tokens"] - 1 for r in first), sum(r["std_tokens"] - 1 for r in first)
         print(f"batch of {args.batch}: dense {tokens_d / first[0]['dense_decode_s']:.1f} tokens/s, "
               f"StD {tokens_s / first[0]['std_decode_s']:.1f} tokens/s (decode only, all sequences)")
     print(f"torch.compile: {report['compiled_graphs']} graphs compiled (at capture), "
@@ -389,7 +396,7 @@ def steps_mode(args, model, device, contexts):
                   kv_bytes_per_token=per_token, batch=B, k=args.k, draft_text_tokens=text, rows=[])
     for context in contexts:
         print(f"context {context} ...", file=sys.stderr)
-        room = 2 * (max(gammas) + 1)
+        room = std.cache_room(0, max(gammas))
         dense = model.new_cache(B, context + room)
         topk_cache = model.new_cache(B, args.k + text + room)
         for t in dense.k + dense.v + topk_cache.k + topk_cache.v:
@@ -472,17 +479,18 @@ def documents_mode(args, model, processor, device):
     configs = ([("topk", k, 4) for k in (256, 512, 1024, 2048)] + [("topk", 1024, g) for g in (2, 6, 9)]
                + [(kind, 1024, 4) for kind in ("topk-int8", "topk-int4", "oracle")]
                + [("streaming", 1024, g) for g in (4, 9)] + [("layerskip", None, g) for g in (4, 9)])
-    gammas = sorted({gamma for _, _, gamma in configs})
     if args.reselect:
         configs = [(kind, args.k, args.gamma) for kind in ("topk", "oracle", "reselect")]
+    room = std.cache_room(args.max_new_tokens, max(gamma for _, _, gamma in configs))
     # Each (batch, context) row of the --steps files becomes a projection column.
-    step_rows = [(f"{s['batch']}x{row['context']}", row) for path in args.step_times or ()
-                 for s in [json.loads(open(path).read())] for row in s["rows"]]
-    step_models = {json.loads(open(path).read())["model"] for path in args.step_times or ()}
+    step_files = [read_json(path) for path in args.step_times or ()]
+    step_rows = [(f"{s['batch']}x{row['context']}", row) for s in step_files for row in s["rows"]]
+    step_models = {s["model"] for s in step_files}
     totals = {c: dict(accepted=0, drafted=0, tokens=0, rounds=0, prompts=0, prefills=0, matches=0) for c in configs}
     prompts = []
     for path in args.documents:
-        document = processor.encode(open(path, encoding="utf-8", errors="replace").read())[:8192]
+        with open(path, encoding="utf-8", errors="replace") as f:
+            document = processor.encode(f.read())[:8192]  # the issue's long documents: 2K to 8K tokens
         if len(document) < 2048:
             print(f"skipping {path}: {len(document)} tokens, fewer than 2048", file=sys.stderr)
             continue
@@ -497,7 +505,7 @@ def documents_mode(args, model, processor, device):
     for n, (path, question, inputs, select) in enumerate(prompts, 1):
         print(f"[{n}/{len(prompts)}, {time.perf_counter() - start:.0f}s] {os.path.basename(path)} "
               f"({len(inputs.input_ids)} tokens): {question}", file=sys.stderr)
-        prefilled = std.prefill(model, inputs, args.max_new_tokens + 2 * (max(gammas) + 1), select)
+        prefilled = std.prefill(model, inputs, room, select)
         dense = std.decode(prefilled, args.max_new_tokens)[0].tokens
         oracle = answer_attention(model, prefilled, inputs, dense)
         for c in configs:
@@ -566,10 +574,11 @@ def reselecting_decode(model, inputs, select, max_new_tokens, k, gamma, period):
     while len(tokens) < max_new_tokens and not (tokens and tokens[-1] in stops):
         ids = torch.cat([inputs.input_ids, torch.tensor(tokens, dtype=torch.long)])
         mask = torch.cat([select, torch.zeros(len(tokens), dtype=torch.bool)])
-        p = std.prefill(model, Inputs(ids), max_new_tokens + 2 * (gamma + 1), mask)
+        p = std.prefill(model, Inputs(ids), std.cache_room(max_new_tokens, gamma), mask)
         if tokens:  # score with the newest tokens only
-            newest = p.query_pos[0] >= len(ids) - period
-            p = dataclasses.replace(p, queries=[[q[newest] for q in p.queries[0]]], query_pos=[p.query_pos[0][newest]])
+            newest = p.query_rows[0] >= len(ids) - period
+            p = dataclasses.replace(p, queries=[[q[newest] for q in p.queries[0]]],
+                                    query_rows=[p.query_rows[0][newest]])
         r = std.decode(p, min(period, max_new_tokens - len(tokens)), k=k, gamma=gamma)[0]
         tokens += r.tokens
         prefills += 1
@@ -579,16 +588,24 @@ def reselecting_decode(model, inputs, select, max_new_tokens, k, gamma, period):
 
 
 def answer_attention(model, prefilled, inputs, answer):
-    """The prefill with its scoring queries replaced by those of the dense answer's tokens."""
+    """The prefill with its scoring queries replaced by those of the dense answer's tokens.
+
+    Scoring normalises each query's attention over the prompt's keys only: the answer's own keys are not scored.
+    """
     ids = torch.cat([inputs.input_ids, torch.tensor(answer[:-1], dtype=torch.long)])
     with torch.inference_mode():
         embeds, pos = model.embed(Inputs(ids))
         rows = torch.arange(len(inputs.input_ids), len(ids), device=model.device)
         _, queries = model.prefill(embeds, pos, model.new_cache(1, len(ids)), 0, rows)
-    return dataclasses.replace(prefilled, queries=[queries], query_pos=[rows])
+    return dataclasses.replace(prefilled, queries=[queries], query_rows=[rows])
 
 
 # ---------------------------------------------------------------------------------------------- main
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
 
 
 def describe(device) -> str:

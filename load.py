@@ -270,4 +270,8 @@ def load(path_or_preset: str, device="cpu", dtype=torch.float32) -> tuple[Qwen2V
         return model, None
     from tokenizers import Tokenizer
 
-    return model, Processor(Tokenizer.from_file(str(path / "tokenizer.json")), config)
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    end_of_text = tokenizer.token_to_id("<|endoftext|>")  # a stop token even where the config names only <|im_end|>
+    if end_of_text is not None and end_of_text not in config.stop_token_ids:
+        config.stop_token_ids += (end_of_text,)
+    return model, Processor(tokenizer, config)

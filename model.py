@@ -22,6 +22,8 @@ try:
 except ImportError:  # CPU-only installs: decoding on the CPU needs no Triton, decoding on a GPU does
     triton = None
 
+PREFILL_MLP_CHUNK = 8192  # prompt tokens per MLP pass in prefill: bounds the largest activation of a long prompt
+
 
 @dataclass
 class ModelConfig:
@@ -163,8 +165,7 @@ if triton is not None:
         tl.store(Lse + b * slb + h * slh + split * sls + rows, m + tl.log(l))  # -inf for an empty split
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, n_splits: int,
-                     block_n: int = 64, num_warps: int = 4, num_stages: int = 2):
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, n_splits: int):
     """Split-KV ("flash decoding") attention of T new tokens over a static cache; see attend_cache.
 
     The launch shape is fixed (it is captured in CUDA graphs); each program finds its piece of the filled slots
@@ -184,9 +185,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
         q, k, v, lengths, out, lse, Hkv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *out.stride()[:4], *lse.stride()[:3],
-        T=T, GROUP=group, ROWS=rows, HEAD_DIM=D, BLOCK_N=block_n, N_SPLITS=n_splits,
+        T=T, GROUP=group, ROWS=rows, HEAD_DIM=D, BLOCK_N=64, N_SPLITS=n_splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SCALE=1.0 / math.sqrt(D),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=4, num_stages=2,
     )
     weights = torch.softmax(lse, dim=2)  # merge the splits by their log-sum-exp
     merged = (weights[..., None] * out).sum(2)[:, :, : T * group]  # [B, Hkv, T * group, D]
@@ -353,11 +354,12 @@ class Block(nn.Module):
         x = x + self.attn(self.input_norm(x), cos, sin, cache, mirror)
         return x + self.mlp(self.post_attention_norm(x))
 
-    def prefill(self, x, cos, sin, k_cache, v_cache, row: int, query_rows, chunk: int = 8192):
+    def prefill(self, x, cos, sin, k_cache, v_cache, row: int, query_rows):
         h, queries = self.attn.prefill(self.input_norm(x), cos, sin, k_cache, v_cache, row, query_rows)
         x = x + h
         # The MLP's intermediate activations are the largest of a long prompt: run it a chunk of tokens at a time.
-        return torch.cat([c + self.mlp(self.post_attention_norm(c)) for c in x.split(chunk, dim=1)], dim=1), queries
+        chunks = x.split(PREFILL_MLP_CHUNK, dim=1)
+        return torch.cat([c + self.mlp(self.post_attention_norm(c)) for c in chunks], dim=1), queries
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -430,12 +432,15 @@ class Qwen2VL(nn.Module):
     def embed(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """A prompt (input_ids, pixel_values, grid_thw) -> embeddings [L, dim], video inside; positions [3, L]."""
         ids = inputs.input_ids.to(self.device)
+        if ids.dim() != 1 or ids.numel() == 0:
+            raise ValueError(f"input_ids must be a non-empty 1-D tensor, got shape {tuple(ids.shape)}")
         x = self.embed_tokens(ids)
         visual = self.visual_mask(ids)
         grid_thw = getattr(inputs, "grid_thw", None)
         if visual.any():
-            if inputs.pixel_values is None:
-                raise ValueError(f"the prompt has {int(visual.sum())} visual tokens but no pixel_values")
+            if inputs.pixel_values is None or grid_thw is None:
+                raise ValueError(f"the prompt has {int(visual.sum())} visual tokens: it needs pixel_values and "
+                                 "grid_thw")
             features = self.visual(inputs.pixel_values.to(self.device), grid_thw)
             if features.shape[0] != visual.sum():
                 raise ValueError(f"the video gives {features.shape[0]} tokens, the prompt has {int(visual.sum())} pads")

@@ -3,7 +3,7 @@
     result = generate(model, inputs, max_new_tokens=256, k=1024, gamma=6)
     result.tokens, result.stats.acceptance_rate
 
-Once, after prefill: for every layer and KV head, score each prunable prompt position (by default the video tokens)
+Once, after prefill: for every layer and KV head, score each prunable prompt position (by default the visual tokens)
 by the attention the prompt's text gives it, and copy the keys/values of the top k, with all of the text, into a
 small draft cache. Then rounds of
     draft:  gamma greedy tokens from the same model attending only to the draft cache;
@@ -25,7 +25,7 @@ import copy
 import math
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch._dynamo
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from model import Block, KVCache, Qwen2VL, decode_rows, small_linear
 
 DRAFTS = ("topk", "topk-int8", "topk-int4", "streaming", "layerskip")
-STREAMING_SINKS = 4
+STREAMING_SINKS = 4  # StreamingLLM keeps the first 4 tokens: they soak up attention whatever they hold
 
 
 @dataclass
@@ -49,6 +49,7 @@ class Stats:
     capture_s: float = 0.0  # torch.compile warm-up and CUDA graph capture (GPU only)
     draft_s: float = 0.0
     verify_s: float = 0.0  # dense decoding counts its steps here: a dense step verifies zero drafts
+    # The times are the whole batch's: every sequence of a batch shares its prefill and each decode step.
 
     @property
     def acceptance_rate(self) -> float:
@@ -63,13 +64,13 @@ class Stats:
 @dataclass
 class Result:
     tokens: list[int]  # new tokens, up to and including the first stop token; len(tokens) == accepted + rounds
-    stats: Stats = field(default_factory=Stats)
+    stats: Stats
 
 
 # ---------------------------------------------------------------------------------------------- selection
 
 
-def score_prompt(queries: list[torch.Tensor], cache: KVCache, row: int, query_pos: torch.Tensor, length: int):
+def score_prompt(queries: list[torch.Tensor], cache: KVCache, row: int, query_rows: torch.Tensor, length: int):
     """Per layer, [Hkv, length]: the attention each prompt position gets from the query rows.
 
     Softmax over all keys each query sees (causal), in float32 or better, summed over the queries and over the
@@ -83,10 +84,10 @@ def score_prompt(queries: list[torch.Tensor], cache: KVCache, row: int, query_po
         dtype = torch.promote_types(keys.dtype, torch.float32)
         total = torch.zeros(keys.shape[0], length, device=keys.device, dtype=dtype)
         q = q.view(n_q, keys.shape[0], -1, D).permute(1, 2, 0, 3)  # [Hkv, group, rows, D]
-        chunk = max(1, 2**26 // (n_heads * length))  # rows per pass: [heads, rows, L] probabilities near 256 MB
+        chunk = max(1, 2**26 // (n_heads * length))  # rows per pass: [heads, rows, L] float32 logits near 256 MB
         for r in range(0, n_q, chunk):
             logits = q[:, :, r : r + chunk].to(dtype) @ keys[:, None].transpose(-1, -2).to(dtype) / math.sqrt(D)
-            future = torch.arange(length, device=keys.device) > query_pos[r : r + chunk, None]
+            future = torch.arange(length, device=keys.device) > query_rows[r : r + chunk, None]
             total += logits.masked_fill(future, float("-inf")).softmax(-1).sum((1, 2))
         scores.append(total)
     return scores
@@ -228,7 +229,7 @@ class DecodeState:
         self.report = torch.zeros(B, gamma + 2, dtype=torch.long, device=device)  # drafts, accepted, next token
 
 
-def dense_step(model: Qwen2VL, dense: KVCache, s: DecodeState, layer_fn=Block.forward) -> torch.Tensor:
+def dense_step(model: Qwen2VL, dense: KVCache, s: DecodeState, layer_fn) -> torch.Tensor:
     token = model.decode(s.last[:, None], s.pos[:, None], dense, layer_fn=layer_fn)[:, 0].argmax(-1)
     dense.lengths += s.active
     s.pos += s.active
@@ -236,7 +237,7 @@ def dense_step(model: Qwen2VL, dense: KVCache, s: DecodeState, layer_fn=Block.fo
     return s.last
 
 
-def draft_steps(draft: Draft, s: DecodeState, gamma: int, layer_fn=Block.forward) -> None:
+def draft_steps(draft: Draft, s: DecodeState, gamma: int, layer_fn) -> None:
     token = s.last
     for i in range(gamma):
         logits = draft.model.decode(token[:, None], (s.pos + i)[:, None], draft.cache, draft.n_layers,
@@ -247,7 +248,7 @@ def draft_steps(draft: Draft, s: DecodeState, gamma: int, layer_fn=Block.forward
     draft.cache.lengths -= gamma  # the verify step rewrites these slots with the dense model's keys/values
 
 
-def verify_step(model: Qwen2VL, dense: KVCache, draft: Draft, s: DecodeState, gamma: int, layer_fn=Block.forward):
+def verify_step(model: Qwen2VL, dense: KVCache, draft: Draft, s: DecodeState, gamma: int, layer_fn):
     tokens = torch.cat([s.last[:, None], s.drafts], dim=1)  # [B, gamma + 1]
     positions = s.pos[:, None] + torch.arange(gamma + 1, device=tokens.device)
     mirror = draft.cache if draft.mirror else None
@@ -348,6 +349,12 @@ class Clock:
 # ---------------------------------------------------------------------------------------------- generate
 
 
+def cache_room(max_new_tokens: int, gamma: int | None) -> int:
+    """Free slots a decode needs past the prompt: a verify writes gamma + 1 slots past a length that may already be
+    gamma past the last accepted token; dense decoding writes one slot past its last token."""
+    return max_new_tokens + (2 * (gamma + 1) if gamma else 1)
+
+
 def positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -355,13 +362,15 @@ def positive_int(name: str, value) -> None:
 
 def resolve_draft(model, k, gamma, draft, exit_layer):
     """Check the decoding arguments; -> (draft kind or None for dense decoding, exit_layer)."""
+    positive_int("gamma", gamma)
     if draft is None:
         draft = "topk" if k is not None else None
     if draft is None:
+        if exit_layer is not None:
+            raise ValueError("exit_layer is for draft='layerskip'")
         return None, None
     if draft not in DRAFTS:
         raise ValueError(f"draft must be one of {', '.join(DRAFTS)}; got {draft!r}")
-    positive_int("gamma", gamma)
     if draft != "layerskip":
         if k is None:
             raise ValueError(f"draft={draft!r} needs k, the prunable positions it keeps")
@@ -412,7 +421,7 @@ class Prefill:
     first: list[int]  # each prompt's first new token, from the prefill
     next_pos: list[int]  # the M-RoPE position of that token
     queries: list | None  # per prompt, per layer: rotated queries of the text after the first prunable position
-    query_pos: list | None
+    query_rows: list | None  # per prompt: the prompt positions those queries sit at
     vision_s: float
     prefill_s: float
 
@@ -435,7 +444,7 @@ def prefill(model: Qwen2VL, inputs, room: int, select=None, score: bool = True) 
         t1 = clock.mark()
         lengths = [embeds.shape[0] for embeds, _ in prompts]
         dense = model.new_cache(len(batch), max(lengths) + room)
-        first, next_pos, queries, query_pos = [], [], [], []
+        first, next_pos, queries, query_rows = [], [], [], []
         for row, ((embeds, pos), mask) in enumerate(zip(prompts, masks)):
             rows = None
             if score:  # the text after the first prunable position scores the prunable positions
@@ -444,13 +453,13 @@ def prefill(model: Qwen2VL, inputs, room: int, select=None, score: bool = True) 
             first.append(int(model.lm_head(hidden[-1]).argmax()))
             next_pos.append(int(pos.max()) + 1)
             queries.append(q)
-            query_pos.append(rows)
+            query_rows.append(rows)
         dense.lengths.copy_(torch.tensor(lengths))
         clock.add("vision", t0, t1)
         clock.add("prefill", t1, clock.mark())
         times = clock.totals()
     return Prefill(model, dense, lengths, masks, first, next_pos, queries if score else None,
-                   query_pos if score else None, times["vision"], times["prefill"])
+                   query_rows if score else None, times["vision"], times["prefill"])
 
 
 def decode(p: Prefill, max_new_tokens: int, k: int | None = None, gamma: int = 6, draft: str | None = None,
@@ -461,10 +470,12 @@ def decode(p: Prefill, max_new_tokens: int, k: int | None = None, gamma: int = 6
     kind, exit_layer = resolve_draft(model, k, gamma, draft, exit_layer)
     if kind in ("topk", "topk-int8", "topk-int4") and p.queries is None:
         raise ValueError("this prefill kept no text queries (score=False): top-k selection needs them")
-    slack = 2 * (gamma + 1) if kind else 1  # a verify writes gamma + 1 slots past a length that may run gamma over
-    if max(p.lengths) + max_new_tokens + slack > p.dense.capacity:
+    room = cache_room(max_new_tokens, gamma if kind else None)
+    if max(p.lengths) + room > p.dense.capacity:
         raise ValueError(f"the prefill left room for {p.dense.capacity - max(p.lengths)} tokens, this decode needs "
-                         f"{max_new_tokens + slack}")
+                         f"{room}")
+    if kind not in (None, "layerskip") and not all(mask.any() for mask in p.masks):
+        raise ValueError(f"draft={kind!r} prunes, and a prompt has no prunable positions: pass select=, or k=None")
     compile = model.device.type == "cuda" if compile is None else compile
     if compile and model.device.type != "cuda":
         raise ValueError("compile=True captures CUDA graphs and needs the model on a GPU")
@@ -483,11 +494,15 @@ def generate(model: Qwen2VL, inputs, max_new_tokens: int, k: int | None = None, 
     draft: one of DRAFTS (default "topk" when k is given); "layerskip" takes exit_layer (default: half the layers).
     compile: torch.compile + CUDA graphs for the decode steps (default: on a GPU).
     Returns a Result (a list of them for a list of inputs), tokens stopping at the first stop token.
+
+    No silent fallback to dense decoding: a pruning draft on a prompt with nothing to prune (no visual tokens and no
+    `select`) raises ValueError, and so does top-k when no text follows the prunable positions (only the text
+    after them scores them). Pass k=None to decode such prompts densely.
     """
     positive_int("max_new_tokens", max_new_tokens)
     kind, _ = resolve_draft(model, k, gamma, draft, exit_layer)
-    room = max_new_tokens + (2 * (gamma + 1) if kind else 1)
-    p = prefill(model, inputs, room, select, score=kind in ("topk", "topk-int8", "topk-int4"))
+    p = prefill(model, inputs, cache_room(max_new_tokens, gamma if kind else None), select,
+                score=kind in ("topk", "topk-int8", "topk-int4"))
     results = decode(p, max_new_tokens, k, gamma, draft, exit_layer, compile)
     return results if isinstance(inputs, (list, tuple)) else results[0]
 
@@ -500,7 +515,7 @@ def _decode(p: Prefill, max_new_tokens, k, gamma, kind, exit_layer, compile):
     draft = None
     if kind is not None:
         t0 = clock.mark()
-        draft = build_draft(model, kind, p, k, exit_layer, max_new_tokens + 2 * (gamma + 1))
+        draft = build_draft(model, kind, p, k, exit_layer, cache_room(max_new_tokens, gamma))
         clock.add("select", t0, clock.mark())
 
     results = [Result([token], Stats(rounds=1, vision_s=p.vision_s, prefill_s=p.prefill_s)) for token in p.first]
@@ -564,7 +579,7 @@ def build_draft(model, kind, p: Prefill, k, exit_layer, room) -> Draft:
         if kind == "streaming":
             kept.append([streaming_positions(mask, k).expand(n_kv, -1)] * model.config.n_layers)
         else:
-            scores = score_prompt(p.queries[row], p.dense, row, p.query_pos[row], n)
+            scores = score_prompt(p.queries[row], p.dense, row, p.query_rows[row], n)
             kept.append([top_positions(s, mask, k) for s in scores])
     sizes = [kept_row[0].shape[1] + int((~mask).sum()) for kept_row, mask in zip(kept, p.masks)]
     cache = model.new_cache(len(p.lengths), max(sizes) + room)

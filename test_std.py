@@ -320,6 +320,14 @@ def test_patch_rows_are_in_the_official_order():
     theirs = Qwen2VLImageProcessorPil(do_resize=False)(images=[image], return_tensors="pt")
     assert grid.tolist() == theirs["image_grid_thw"].tolist()
     assert torch.allclose(ours, theirs["pixel_values"].float(), atol=1e-5)
+    # Distinct frames: a patch row is channel-major, then frame of the pair, then the 14x14 pixels.
+    other = np.random.default_rng(1).integers(0, 255, (56, 84, 3)).astype(np.uint8)
+    pair, _ = vision.preprocess(np.stack([image, other]), min_pixels=56 * 84, max_pixels=56 * 84)
+    mean, std_ = (torch.tensor(c)[:, None, None] for c in (vision.CLIP_MEAN, vision.CLIP_STD))
+    normalise = lambda frame: (torch.from_numpy(frame[:14, :14]).permute(2, 0, 1) / 255 - mean) / std_
+    first = pair[0].view(3, 2, 14, 14)
+    assert torch.allclose(first[:, 0], normalise(image), atol=1e-5)
+    assert torch.allclose(first[:, 1], normalise(other), atol=1e-5)
 
 
 def test_processor_builds_the_chat_prompt(checkpoint, video_prompt):
@@ -333,6 +341,9 @@ def test_processor_builds_the_chat_prompt(checkpoint, video_prompt):
     assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                     "<|vision_start|><pads><|vision_end|>What happens in this video?<|im_end|>\n"
                     "<|im_start|>assistant\n")
+    expected = "system\nYou are a helpful assistant.\nuser\nWhat happens in this video?\nassistant\n"
+    assert processor.decode(ids) == expected  # special tokens dropped
+    assert 0 in model.config.stop_token_ids  # <|endoftext|> stops decoding, whatever config.json says
 
 
 # ---------------------------------------------------------------------------------------------- 4. Sparse-to-Dense
@@ -454,12 +465,13 @@ def test_batched_sparse_to_dense_equals_dense_decoding_of_each_prompt_alone(b):
 
 
 @settings(max_examples=15, deadline=None)
-@given(st.integers(0, 2**16), st.integers(1, 12))
-def test_keeping_every_visual_token_accepts_every_draft(seed, gamma):
+@given(st.integers(0, 2**16), st.integers(1, 12), st.sampled_from([12, 13, 120]))
+def test_keeping_every_visual_token_accepts_every_draft(seed, gamma, k):
+    """k at or beyond the 12 visual tokens: the draft sees what the verifier sees, so it is never wrong."""
     model = tiny_model(seed, layers=2, kv_heads=2, group=2, head_dim=8, sections=(1, 1, 2))
     model.config.stop_token_ids = ()
     inputs = video_inputs(np.random.default_rng(seed), 3, 4, (2, 4, 6))
-    result = std.generate(model, inputs, max_new_tokens=40, k=12, gamma=gamma)
+    result = std.generate(model, inputs, max_new_tokens=40, k=k, gamma=gamma)
     assert result.stats.accepted == result.stats.drafted > 0
     assert result.tokens == std.generate(model, inputs, max_new_tokens=40).tokens
 
@@ -545,6 +557,18 @@ def test_bad_arguments_fail_clearly():
             std.generate(model, inputs, 8, k=1, gamma=bad)
     with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
         std.generate(model, inputs, 0)
+    with pytest.raises(ValueError, match="gamma must be a positive int"):
+        std.generate(model, inputs, 8, gamma=0)  # even for dense decoding: no argument is silently ignored
+    with pytest.raises(ValueError, match="exit_layer is for draft='layerskip'"):
+        std.generate(model, inputs, 8, exit_layer=1)
+    with pytest.raises(ValueError, match="no prunable positions"):
+        std.generate(model, Inputs(torch.tensor([1, 2, 3])), 8, k=4, draft="streaming")
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        std.generate(model, Inputs(torch.tensor([], dtype=torch.long)), 8)
+    with pytest.raises(ValueError, match="needs pixel_values and grid_thw"):
+        std.generate(model, Inputs(inputs.input_ids, inputs.pixel_values, None), 8)
+    with pytest.raises(ValueError, match="covers .* patches"):
+        std.generate(model, Inputs(inputs.input_ids, inputs.pixel_values[:-1], inputs.grid_thw), 8)
     with pytest.raises(ValueError, match="no visual tokens to prune"):
         std.generate(model, Inputs(torch.tensor([1, 2, 3])), 8, k=4)
     with pytest.raises(ValueError, match="no text follows"):
@@ -665,6 +689,14 @@ def test_bench_runs_end_to_end_on_the_cpu(tmp_path):
     assert "RANDOM WEIGHTS" in run.stdout and "MATCH" in run.stdout and "batch of 2" in run.stdout
     runs = json.loads(report.read_text())["runs"]
     assert [r["sequence"] for r in runs] == [0, 1] and all(r["match"] for r in runs)
+
+
+def test_bench_takes_an_early_exit_draft_and_prompts_that_stop_at_once(tmp_path):
+    for extra in (["--draft", "layerskip", "--max-new-tokens", "6", "--gamma", "2"], ["--max-new-tokens", "1"]):
+        run = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--clip-seconds", "2", "--batch", "2",
+                              *extra], capture_output=True, text=True, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.count("MATCH") == 2
 
 
 def test_bench_documents_mode_is_lossless_and_projects_from_step_times(tmp_path):

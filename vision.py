@@ -27,6 +27,7 @@ FPS = 2.0
 MIN_FRAMES = 4
 MAX_FRAMES = 768
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+FRAME_PAIRS_PER_CHUNK = 16  # vision encoder activations of a long video stay bounded
 
 
 @dataclass
@@ -135,23 +136,24 @@ class VisionTransformer(nn.Module):
         return angles.cos(), angles.sin()
 
     @torch.inference_mode()
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, frames_per_chunk: int = 16) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        n_patches = int(grid_thw.prod(-1).sum())
+        if n_patches != pixel_values.shape[0]:
+            raise ValueError(f"grid_thw {grid_thw.tolist()} covers {n_patches} patches, "
+                             f"pixel_values has {pixel_values.shape[0]}")
         dtype = self.patch_embed.proj.weight.dtype
         out, start = [], 0
         for t, h, w in grid_thw.tolist():
             cos, sin = self.rope(h, w, pixel_values.device)
             # Frame pairs never attend to each other, so a long video runs a few pairs at a time.
-            for t0 in range(0, t, frames_per_chunk):
-                pairs = min(frames_per_chunk, t - t0)
+            for t0 in range(0, t, FRAME_PAIRS_PER_CHUNK):
+                pairs = min(FRAME_PAIRS_PER_CHUNK, t - t0)
                 x = pixel_values[start : start + pairs * h * w].to(dtype)
                 x = self.patch_embed(x).view(pairs, h * w, -1)
                 for block in self.blocks:
                     x = block(x, cos, sin)
                 out.append(self.merger(x))
                 start += pairs * h * w
-        if start != pixel_values.shape[0]:
-            raise ValueError(f"grid_thw {grid_thw.tolist()} covers {start} patches, "
-                             f"pixel_values has {pixel_values.shape[0]}")
         return torch.cat(out)
 
 
