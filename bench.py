@@ -487,20 +487,7 @@ def documents_mode(args, model, processor, device):
     step_rows = [(f"{s['batch']}x{row['context']}", row) for s in step_files for row in s["rows"]]
     step_models = {s["model"] for s in step_files}
     totals = {c: dict(accepted=0, drafted=0, tokens=0, rounds=0, prompts=0, prefills=0, matches=0) for c in configs}
-    prompts = []
-    for path in args.documents:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            document = processor.encode(f.read())[:8192]  # the issue's long documents: 2K to 8K tokens
-        if len(document) < 2048:
-            print(f"skipping {path}: {len(document)} tokens, fewer than 2048", file=sys.stderr)
-            continue
-        for question in QUESTIONS:
-            head = processor.encode(f"<|im_start|>system\n{processor.system}<|im_end|>\n<|im_start|>user\n"
-                                    "Read this document.\n\n")
-            tail = processor.encode(f"\n\n{question}<|im_end|>\n<|im_start|>assistant\n")
-            select = torch.zeros(len(head) + len(document) + len(tail), dtype=torch.bool)
-            select[len(head) : len(head) + len(document)] = True
-            prompts.append((path, question, Inputs(torch.tensor(head + document + tail)), select))
+    prompts = document_prompts(args.documents, processor)
     start = time.perf_counter()
     for n, (path, question, inputs, select) in enumerate(prompts, 1):
         print(f"[{n}/{len(prompts)}, {time.perf_counter() - start:.0f}s] {os.path.basename(path)} "
@@ -530,15 +517,40 @@ def documents_mode(args, model, processor, device):
                 json.dump(dict(partial=True, prompts_done=n, totals=[dict(draft=c[0], k=c[1], gamma=c[2], **t)
                                                                      for c, t in totals.items()]), f, indent=1)
     report = dict(device=describe(device), model=args.model, prompts=len(prompts), max_new_tokens=args.max_new_tokens,
-                  documents=args.documents, questions=QUESTIONS, configs=[],
-                  step_times=args.step_times)
+                  documents=args.documents, questions=QUESTIONS, step_times=args.step_times)
     print(f"\n{len(prompts)} prompts, at most {args.max_new_tokens} new tokens; acceptance and tokens per round are "
           "ratios of sums over the prompts")
+    report["configs"] = documents_table(totals, step_rows, step_models)
+    return report
+
+
+def document_prompts(paths, processor) -> list:
+    """(path, question, inputs, select) for each document and question, the document being the prunable part."""
+    prompts = []
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            document = processor.encode(f.read())[:8192]  # the issue's long documents: 2K to 8K tokens
+        if len(document) < 2048:
+            print(f"skipping {path}: {len(document)} tokens, fewer than 2048", file=sys.stderr)
+            continue
+        for question in QUESTIONS:
+            head = processor.encode(f"<|im_start|>system\n{processor.system}<|im_end|>\n<|im_start|>user\n"
+                                    "Read this document.\n\n")
+            tail = processor.encode(f"\n\n{question}<|im_end|>\n<|im_start|>assistant\n")
+            select = torch.zeros(len(head) + len(document) + len(tail), dtype=torch.bool)
+            select[len(head) : len(head) + len(document)] = True
+            prompts.append((path, question, Inputs(torch.tensor(head + document + tail)), select))
+    return prompts
+
+
+def documents_table(totals, step_rows, step_models) -> list[dict]:
+    """Print one line per configuration (ratios of sums), with projections from the --steps rows; -> the lines."""
     header = f"{'draft':>10} {'k':>5} {'gamma':>5} {'acceptance':>10} {'tok/round':>9} {'match':>6}"
     if step_rows:
         header += (" | projected speedup on " + ", ".join(sorted(step_models)) + " at batch x context "
                    + ", ".join(name for name, _ in step_rows))
     print(header)
+    entries = []
     for (kind, k, gamma), t in totals.items():
         acceptance = t["accepted"] / max(1, t["drafted"])
         prefills = t["prefills"]
@@ -547,19 +559,19 @@ def documents_mode(args, model, processor, device):
                      match=t["matches"], prompts=t["prompts"], prefills=prefills,
                      **{n: t[n] for n in ("accepted", "drafted", "tokens", "rounds")}, projected={})
         line = f"{kind:>10} {str(k):>5} {gamma:>5} {acceptance:>10.1%} {tpr:>9.2f} {t['matches']:>3}/{t['prompts']}"
+        for name, row in step_rows:
+            # The streaming, oracle and reselect drafts take the top-k draft's step: same cache size and weights
+            # (reselect's refreshes are not counted).
+            d = row["drafts"][kind if kind in row["drafts"] else "topk"]
+            verify = row["verify_ms"].get(str(gamma))
+            if verify is not None:
+                entry["projected"][name] = tpr * row["dense_ms"] / (gamma * d["draft_ms"] + verify)
         if step_rows:
-            for name, row in step_rows:
-                # The streaming, oracle and reselect drafts take the top-k draft's step: same cache size and weights
-                # (reselect's refreshes are not counted).
-                d = row["drafts"][kind if kind in row["drafts"] else "topk"]
-                verify = row["verify_ms"].get(str(gamma))
-                if verify is not None:
-                    entry["projected"][name] = tpr * row["dense_ms"] / (gamma * d["draft_ms"] + verify)
             line += " | " + " ".join(f"{entry['projected'][name]:.2f}x" if name in entry["projected"] else "-"
                                      for name, _ in step_rows)
         print(line)
-        report["configs"].append(entry)
-    return report
+        entries.append(entry)
+    return entries
 
 
 def reselecting_decode(model, inputs, select, max_new_tokens, k, gamma, period):

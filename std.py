@@ -547,17 +547,18 @@ def _decode(p: Prefill, max_new_tokens, k, gamma, kind, exit_layer, compile):
             if not active[row]:
                 continue
             result, stats = results[row], results[row].stats
-            for n, token in enumerate(tokens, 1):
-                result.tokens.append(token)
-                if token in stops or len(result.tokens) == max_new_tokens:
-                    active[row] = False
-                    state.active[row] = False
-                    break
+            # The round's tokens up to and including the first stop token, within the budget.
+            room = max_new_tokens - len(result.tokens)
+            kept = next((n for n, token in enumerate(tokens[:room], 1) if token in stops), min(len(tokens), room))
+            result.tokens += tokens[:kept]
+            if result.tokens[-1] in stops or len(result.tokens) == max_new_tokens:
+                active[row] = False
+                state.active[row] = False
             stats.rounds += 1
             if draft is not None:
                 # Output cut inside the accepted drafts: its last token counts as the round's own (it equals the
                 # dense argmax), so only the drafts before it were judged. Then tokens == accepted + rounds.
-                judged = gamma if n == len(tokens) else n - 1
+                judged = gamma if kept == len(tokens) else kept - 1
                 stats.drafted += judged
                 stats.accepted += min(judged, len(tokens) - 1)
 

@@ -733,3 +733,13 @@ def test_bench_documents_mode_is_lossless_and_projects_from_step_times(tmp_path)
         expected = c["tokens_per_verification"] * 10.0 / (c["gamma"] * step["draft_ms"] + 10.0 + c["gamma"])
         assert c["projected"]["2x4096"] == pytest.approx(expected)
 
+    # The re-selection experiment: re-chosen kept sets, still dense decoding's tokens.
+    run = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--documents", str(document),
+                          "--model", str(tmp_path / "model"), "--max-new-tokens", "7", "--reselect", "3", "--k", "64",
+                          "--gamma", "2", "--json", str(report)], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    configs = json.loads(report.read_text())["configs"]
+    assert [c["draft"] for c in configs] == ["topk", "oracle", "reselect"]
+    assert all(c["match"] == c["prompts"] for c in configs)
+    assert configs[2]["prefills"] > configs[2]["prompts"]  # the kept set was re-chosen along the way
+
