@@ -65,6 +65,7 @@ class LayerCache(NamedTuple):
     splits: int = 1  # parallel pieces the GPU kernel cuts the filled slots into (a constant of the cache)
 
 
+@dataclass(eq=False)  # identity, not elementwise tensor comparison
 class KVCache:
     """Static keys/values of every layer, written at explicit slots, with each sequence's filled length.
 
@@ -73,14 +74,20 @@ class KVCache:
     Keys are stored after rotation, so a slot keeps its token's position wherever the slot is.
     """
 
-    def __init__(self, n_layers, batch, n_kv_heads, capacity, head_dim, dtype, device):
+    k: list[torch.Tensor]  # per layer [B, Hkv, S, D]
+    v: list[torch.Tensor]
+    lengths: torch.Tensor  # [B]
+    splits: int  # see LayerCache
+
+    @classmethod
+    def zeros(cls, n_layers, batch, n_kv_heads, capacity, head_dim, dtype, device) -> "KVCache":
         shape = (batch, n_kv_heads, capacity, head_dim)
         # Zeros, not empty: the masked SDPA path multiplies unfilled slots by a zero weight, and 0 * NaN is NaN.
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         # About 256 slots a piece, and at most ~256 pieces in all (two waves of an H100's 132 multiprocessors).
-        self.splits = min(-(-256 // (batch * n_kv_heads)), 1 << max(0, math.ceil(math.log2(capacity / 256))))
+        splits = min(-(-256 // (batch * n_kv_heads)), 1 << max(0, math.ceil(math.log2(capacity / 256))))
+        return cls(k, v, torch.zeros(batch, dtype=torch.long, device=device), splits)
 
     @property
     def capacity(self) -> int:
@@ -91,9 +98,7 @@ class KVCache:
 
     def first_layers(self, n: int) -> "KVCache":
         """The first n layers' storage, shared, with lengths of its own (an early-exit draft reads it)."""
-        view = object.__new__(KVCache)
-        view.k, view.v, view.lengths, view.splits = self.k[:n], self.v[:n], self.lengths.clone(), self.splits
-        return view
+        return KVCache(self.k[:n], self.v[:n], self.lengths.clone(), self.splits)
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.k + self.v)
@@ -414,7 +419,7 @@ class Qwen2VL(nn.Module):
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.config
-        return KVCache(c.n_layers, batch, c.n_kv_heads, capacity, c.head_dim, self.dtype, self.device)
+        return KVCache.zeros(c.n_layers, batch, c.n_kv_heads, capacity, c.head_dim, self.dtype, self.device)
 
     def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """pos [3, ...] -> cos, sin [..., D]; frequency i turns with the t, h or w position by mrope_section."""
