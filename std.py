@@ -80,13 +80,14 @@ def score_prompt(queries: list[torch.Tensor], cache: KVCache, row: int, query_ro
     scores = []
     for q, keys in zip(queries, cache.k):
         n_q, n_heads, D = q.shape
-        keys = keys[row, :, :length]  # [Hkv, L, D]
         dtype = torch.promote_types(keys.dtype, torch.float32)
-        total = torch.zeros(keys.shape[0], length, device=keys.device, dtype=dtype)
-        q = q.view(n_q, keys.shape[0], -1, D).permute(1, 2, 0, 3)  # [Hkv, group, rows, D]
+        keys_t = keys[row, :, :length].transpose(-1, -2)[:, None].to(dtype)  # [Hkv, 1, D, L]
+        n_kv = keys_t.shape[0]
+        total = torch.zeros(n_kv, length, device=keys.device, dtype=dtype)
+        q = q.view(n_q, n_kv, -1, D).permute(1, 2, 0, 3)  # [Hkv, group, rows, D]
         chunk = max(1, 2**26 // (n_heads * length))  # rows per pass: [heads, rows, L] float32 logits near 256 MB
         for r in range(0, n_q, chunk):
-            logits = q[:, :, r : r + chunk].to(dtype) @ keys[:, None].transpose(-1, -2).to(dtype) / math.sqrt(D)
+            logits = q[:, :, r : r + chunk].to(dtype) @ keys_t / math.sqrt(D)
             future = torch.arange(length, device=keys.device) > query_rows[r : r + chunk, None]
             total += logits.masked_fill(future, float("-inf")).softmax(-1).sum((1, 2))
         scores.append(total)
