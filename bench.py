@@ -526,6 +526,8 @@ def documents_mode(args, model, processor, device):
 
 def document_prompts(paths, processor) -> list:
     """(path, question, inputs, select) for each document and question, the document being the prunable part."""
+    head = processor.encode(f"<|im_start|>system\n{processor.system}<|im_end|>\n<|im_start|>user\n"
+                            "Read this document.\n\n")
     prompts = []
     for path in paths:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -534,8 +536,6 @@ def document_prompts(paths, processor) -> list:
             print(f"skipping {path}: {len(document)} tokens, fewer than 2048", file=sys.stderr)
             continue
         for question in QUESTIONS:
-            head = processor.encode(f"<|im_start|>system\n{processor.system}<|im_end|>\n<|im_start|>user\n"
-                                    "Read this document.\n\n")
             tail = processor.encode(f"\n\n{question}<|im_end|>\n<|im_start|>assistant\n")
             select = torch.zeros(len(head) + len(document) + len(tail), dtype=torch.bool)
             select[len(head) : len(head) + len(document)] = True
