@@ -43,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--k", type=int, default=1024, help="prunable positions kept per layer and KV head")
     p.add_argument("--gamma", type=int, default=6, help="tokens drafted per verification")
-    p.add_argument("--draft", default="topk", choices=std.DRAFTS)
+    p.add_argument("--draft", choices=std.DRAFTS, help="draft kind (default: topk); with --documents, measure only "
+                   "this kind's configurations")
     p.add_argument("--fps", type=float, default=vision.FPS)
     p.add_argument("--max-frames", type=int, default=vision.MAX_FRAMES)
     p.add_argument("--clip-seconds", type=float, default=10.0, help="length of the clip made without --video")
@@ -66,6 +67,10 @@ def parse_args(argv=None):
         p.error("--reselect and --step-times go with --documents")
     if args.reselect is not None and args.reselect < 1:
         p.error("--reselect must be at least 1")
+    if args.reselect is not None and args.draft is not None:
+        p.error("--reselect compares top-k drafts: leave out --draft")
+    if args.draft is None and not args.documents:
+        args.draft = "topk"
     return args
 
 
@@ -479,6 +484,8 @@ def documents_mode(args, model, processor, device):
     configs = ([("topk", k, 4) for k in (256, 512, 1024, 2048)] + [("topk", 1024, g) for g in (2, 6, 9)]
                + [(kind, 1024, 4) for kind in ("topk-int8", "topk-int4", "oracle")]
                + [("streaming", 1024, g) for g in (4, 9)] + [("layerskip", None, g) for g in (4, 9)])
+    if args.draft:
+        configs = [c for c in configs if c[0] == args.draft]
     if args.reselect:
         configs = [(kind, args.k, args.gamma) for kind in ("topk", "oracle", "reselect")]
     room = std.cache_room(args.max_new_tokens, max(gamma for _, _, gamma in configs))

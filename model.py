@@ -202,45 +202,32 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
 if triton is not None:
 
     @triton.jit
-    def _small_linear_kernel(X, W, Scale, Bias, Y, M, N, K, sxm, swn, ssn, sym, BITS: tl.constexpr,
-                             HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    def _small_linear_kernel(X, W, Scale, Bias, Y, M, N, K, sxm, swn, sym, INT8: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             PRECISION: tl.constexpr):
         # y[M, N] = x[M, K] @ w[N, K]^T for the few rows of a decode step: each program streams BLOCK_N rows of the
-        # weight once. BITS 16: w as it is. 8: int8 rows, a scale each. 4: a group of BLOCK_K columns per scale,
-        # byte j of a group holding column j (low nibble) and column j + BLOCK_K / 2 (high nibble), offset by 8.
+        # weight once. INT8: w is int8, with one scale per row applied to the sums.
         pid_n, pid_m = tl.program_id(0), tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok, n_ok = rm < M, rn < N
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            if BITS == 4:
-                half = tl.arange(0, BLOCK_K // 2)
-                packed = tl.load(W + rn[:, None] * swn + (k0 // 2 + half)[None, :], mask=n_ok[:, None], other=0)
-                x_lo = tl.load(X + rm[:, None] * sxm + (k0 + half)[None, :], mask=m_ok[:, None], other=0.0)
-                x_hi = tl.load(X + rm[:, None] * sxm + (k0 + BLOCK_K // 2 + half)[None, :], mask=m_ok[:, None],
-                               other=0.0)
-                w_lo = ((packed & 0xF).to(tl.int8) - 8).to(x_lo.dtype)
-                w_hi = ((packed >> 4).to(tl.int8) - 8).to(x_lo.dtype)
-                scale = tl.load(Scale + rn * ssn + k0 // BLOCK_K, mask=n_ok, other=0.0).to(tl.float32)
-                acc += (tl.dot(x_lo, tl.trans(w_lo), input_precision=PRECISION)
-                        + tl.dot(x_hi, tl.trans(w_hi), input_precision=PRECISION)) * scale[None, :]
-            else:
-                rk = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(X + rm[:, None] * sxm + rk[None, :], mask=m_ok[:, None] & (rk < K)[None, :], other=0.0)
-                w = tl.load(W + rn[:, None] * swn + rk[None, :], mask=n_ok[:, None] & (rk < K)[None, :], other=0.0)
-                acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
-        if BITS == 8:
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(X + rm[:, None] * sxm + rk[None, :], mask=m_ok[:, None] & (rk < K)[None, :], other=0.0)
+            w = tl.load(W + rn[:, None] * swn + rk[None, :], mask=n_ok[:, None] & (rk < K)[None, :], other=0.0)
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
+        if INT8:
             acc *= tl.load(Scale + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             acc += tl.load(Bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(Y + rm[:, None] * sym + rn[None, :], acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def small_linear(x, weight, bias=None, scale=None, bits: int = 16, group: int = 128) -> torch.Tensor:
+def small_linear(x, weight, bias=None, scale=None) -> torch.Tensor:
     """x [..., K] @ weight^T (+ bias) for a decode step's few rows, streaming the weight once (Triton, GPU).
 
-    bits 16: weight [N, K]; 8: int8 [N, K] and scale [N]; 4: uint8 [N, K / 2] and scale [N, K / group].
+    weight [N, K] in x's dtype, or int8 with `scale` [N].
     """
     if triton is None:
         raise ImportError("small_linear on a GPU needs Triton (it ships with CUDA builds of PyTorch)")
@@ -251,13 +238,12 @@ def small_linear(x, weight, bias=None, scale=None, bits: int = 16, group: int = 
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     block_m = max(16, triton.next_power_of_2(M))  # tensor cores, the rows padded: faster than a register loop
     block_n = 64 if N >= 16384 else 32  # the large matrices get fewer, longer programs
-    block_k = group if bits == 4 else 256 if K % 256 == 0 else 128
+    int8 = scale is not None
     _small_linear_kernel[(triton.cdiv(N, block_n), triton.cdiv(M, block_m))](
-        flat, weight, scale if scale is not None else weight, bias if bias is not None else weight, y, M, N, K,
-        flat.stride(0), weight.stride(0), scale.stride(0) if bits == 4 else 1, y.stride(0), BITS=bits,
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4,
-        num_stages=4 if bits == 8 else 5,
+        flat, weight, scale if int8 else weight, bias if bias is not None else weight, y, M, N, K,
+        flat.stride(0), weight.stride(0), y.stride(0), INT8=int8, HAS_BIAS=bias is not None, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=256 if K % 256 == 0 else 128,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4, num_stages=4 if int8 else 5,
     )
     return y.view(*x.shape[:-1], N)
 

@@ -124,7 +124,12 @@ def fill_draft_row(draft: KVCache, dense: KVCache, row: int, kept: list[torch.Te
 
 
 class Int8Linear(nn.Module):
-    """Weight-only int8, one scale per output row."""
+    """Weight-only int8, one scale per output row.
+
+    A decode step's few rows go through model.small_linear. On an H100 it reads int8 weights at 2.1-2.2 TB/s for 1 to
+    8 rows; PyTorch's `_weight_int8pack_mm` reads 0.1 TB/s, and gpt-fast's compiled `F.linear(x, w.to(x.dtype)) *
+    scale` matches ours at one row but drops to 0.55 TB/s at two or more (BENCHMARKS.md, section 5).
+    """
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -139,39 +144,52 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if decode_rows(x):
-            return small_linear(x, self.weight, self.bias, self.scale, bits=8)
+            return small_linear(x, self.weight, self.bias, self.scale)
         return F.linear(x, self.dequantized(x.dtype), self.bias)
 
 
 class Int4Linear(nn.Module):
-    """Weight-only int4, symmetric, one scale per group of input columns.
+    """Weight-only int4: per group of 128 (or 64, 32) input columns, w ~ (q - 8) * scale + zero with q in 0..15.
 
-    Byte j of a group holds column j in its low nibble and column j + group / 2 in its high one (each plus 8), so
-    the kernel unpacks a group into two contiguous halves without shuffling.
+    On a GPU the product is PyTorch's own int4 kernel (tinygemm, `_weight_int4pack_mm`, as gpt-fast uses it), which
+    wants its packed layout and bfloat16 activations. Elsewhere the weight is kept two nibbles a byte and dequantized,
+    so a draft can run in any dtype, float64 included. Both hold the same quantized values.
     """
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         N, K = linear.weight.shape
         self.group = next((g for g in (128, 64, 32) if K % g == 0), None)
-        if self.group is None:
-            raise ValueError(f"int4 groups need in_features a multiple of 32, got {K}")
+        if self.group is None or N % 8:
+            raise ValueError(f"int4 groups need in_features a multiple of 32 and out_features of 8, got {K}, {N}")
         w = linear.weight.float().view(N, K // self.group, self.group)
-        scale = w.abs().amax(dim=-1).clamp(min=1e-8) / 7
-        q = ((w / scale[..., None]).round().clamp(-8, 7) + 8).to(torch.uint8)
-        half = self.group // 2
-        self.register_buffer("packed", (q[..., :half] | (q[..., half:] << 4)).view(N, K // 2))
-        self.register_buffer("scale", scale)  # [N, K / group]
+        lowest, highest = w.amin(dim=-1), w.amax(dim=-1)
+        scale = ((highest - lowest) / 15).clamp(min=1e-8)
+        q = ((w - lowest[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8).view(N, K)
+        pairs = q[:, ::2] << 4 | q[:, 1::2]  # [N, K / 2], the even column in the high nibble
+        if linear.weight.is_cuda:
+            inner_k_tiles = next(t for t in (8, 4, 2) if K % (16 * t) == 0)
+            pairs = torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles)
+        self.register_buffer("packed", pairs)
+        zero = lowest + 8 * scale
+        self.register_buffer("scale_and_zero", torch.stack([scale, zero], dim=-1).transpose(0, 1).to(torch.bfloat16)
+                             .contiguous())  # [K / group, N, 2]
         self.bias = linear.bias
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        p = self.packed.view(self.packed.shape[0], -1, self.group // 2)
-        q = torch.cat([p & 0xF, p >> 4], dim=-1).to(dtype) - 8
-        return (q * self.scale[..., None].to(dtype)).flatten(1)
+        if self.packed.is_cuda:
+            raise RuntimeError("int4 weights on a GPU are in tinygemm's packed layout, which only its kernel reads")
+        q = torch.stack([self.packed >> 4, self.packed & 0xF], dim=-1).to(dtype)  # [N, K / 2, 2]
+        q = q.view(q.shape[0], -1, self.group) - 8
+        scale, zero = self.scale_and_zero.to(dtype).transpose(0, 1).unbind(-1)  # [N, K / group] each
+        return (q * scale[..., None] + zero[..., None]).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if decode_rows(x):
-            return small_linear(x, self.packed, self.bias, self.scale, bits=4, group=self.group)
+        if self.packed.is_cuda:
+            flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+            y = torch.ops.aten._weight_int4pack_mm(flat, self.packed, self.group, self.scale_and_zero)
+            y = y.to(x.dtype).view(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.dequantized(x.dtype), self.bias)
 
 

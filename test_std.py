@@ -599,8 +599,21 @@ def test_quantized_linears_stay_close_to_the_weights(bits):
     exact = linear(x)
     error = (quantized(x) - exact).norm() / exact.norm()
     assert 1e-4 < error < (0.02 if bits == 8 else 0.2)  # quantized for real; int4 is a draft, never a verifier
-    with pytest.raises(ValueError, match="int4 groups need in_features a multiple of 32"):
+    with pytest.raises(ValueError, match="int4 groups need in_features a multiple of 32 and out_features of 8"):
         std.Int4Linear(torch.nn.Linear(48, 96))
+    with pytest.raises(ValueError, match="int4 groups need in_features a multiple of 32 and out_features of 8"):
+        std.Int4Linear(torch.nn.Linear(64, 100))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PyTorch's int4 kernel (tinygemm) runs on a GPU")
+@pytest.mark.parametrize("rows,n,k", [(1, 96, 256), (7, 200, 384), (16, 64, 96)])
+def test_int4_gpu_kernel_multiplies_by_the_dequantized_weights(rows, n, k):
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(k, n)
+    x = torch.randn(rows, k).bfloat16().float()  # the kernel takes bfloat16 activations
+    reference = std.Int4Linear(linear)(x)  # CPU: the same quantized values, dequantized
+    out = std.Int4Linear(linear.cuda())(x.cuda()).cpu()
+    assert (out - reference).abs().max() < 1e-2 * reference.abs().max()  # bfloat16 products and output
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -627,17 +640,18 @@ def gpu_or_interpreter():
 
 
 @pytest.mark.parametrize("rows,n,k", [(1, 96, 256), (7, 200, 384), (16, 64, 128)])
-@pytest.mark.parametrize("bits", [16, 8, 4])
-def test_triton_small_linear_matches_the_reference_path(rows, n, k, bits):
+@pytest.mark.parametrize("int8", [False, True])
+def test_triton_small_linear_matches_the_reference_path(rows, n, k, int8):
     device = gpu_or_interpreter()
-    torch.manual_seed(rows * bits)
+    torch.manual_seed(rows)
     linear = torch.nn.Linear(k, n).to(device)
-    layer = {16: lambda: linear, 8: lambda: std.Int8Linear(linear), 4: lambda: std.Int4Linear(linear)}[bits]()
+    quantized = std.Int8Linear(linear) if int8 else None
     x = torch.randn(rows, k, device=device)
-    weight = {16: linear.weight, 8: getattr(layer, "weight", None), 4: getattr(layer, "packed", None)}[bits]
-    out = model_lib.small_linear(x, weight, linear.bias, getattr(layer, "scale", None), bits=bits,
-                                 group=getattr(layer, "group", 128))
-    dequantized = linear.weight if bits == 16 else layer.dequantized(torch.float32)
+    if int8:
+        out = model_lib.small_linear(x, quantized.weight, linear.bias, quantized.scale)
+    else:
+        out = model_lib.small_linear(x, linear.weight, linear.bias)
+    dequantized = quantized.dequantized(torch.float32) if int8 else linear.weight
     reference = torch.nn.functional.linear(x, dequantized, linear.bias)
     # float32 arithmetic, not TF32: its 10-bit products would flip the near-ties of a float32 decode
     assert (out - reference).abs().max() < 1e-5 * reference.abs().max()
@@ -704,9 +718,10 @@ def test_bench_documents_mode_is_lossless_and_projects_from_step_times(tmp_path)
     dense step, over gamma draft steps plus a verify step."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    torch.manual_seed(0)
+    torch.manual_seed(1)
     config = hf_config()
-    config.text_config.intermediate_size = 128  # int4 groups need a multiple of 32
+    config.text_config.intermediate_size = 128  # int4: in_features a multiple of 32, out_features of 8
+    config.text_config.vocab_size = 304
     Qwen2VLForConditionalGeneration(config).save_pretrained(tmp_path / "model")
     write_tokenizer(tmp_path / "model")
     rng = np.random.default_rng(0)
@@ -732,6 +747,14 @@ def test_bench_documents_mode_is_lossless_and_projects_from_step_times(tmp_path)
         step = steps["rows"][0]["drafts"][c["draft"] if c["draft"] in steps["rows"][0]["drafts"] else "topk"]
         expected = c["tokens_per_verification"] * 10.0 / (c["gamma"] * step["draft_ms"] + 10.0 + c["gamma"])
         assert c["projected"]["2x4096"] == pytest.approx(expected)
+
+    # One draft kind's configurations alone.
+    run = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--documents", str(document),
+                          "--model", str(tmp_path / "model"), "--max-new-tokens", "4", "--draft", "topk-int4",
+                          "--json", str(report)], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert [(c["draft"], c["k"], c["gamma"]) for c in json.loads(report.read_text())["configs"]] == [
+        ("topk-int4", 1024, 4)]
 
     # The re-selection experiment: re-chosen kept sets, still dense decoding's tokens.
     run = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--documents", str(document),
