@@ -4,6 +4,7 @@
     python bench.py                                                   # a clip of its own, random weights
     python bench.py --steps 16384,65536,131072                        # decode-step times against the memory floor
     python bench.py --documents a.txt b.txt --model real_llm/         # acceptance on long documents (real weights)
+    python bench.py --kernels --batch 4                               # the weight-only int8/int4 matmul kernels
 
 Time does not depend on the weights' values, acceptance does: with random weights the tables say so, and next to
 the measured acceptance print what the measured step times would give at a per-token acceptance of 0.5, 0.7, 0.9.
@@ -19,12 +20,15 @@ import time
 
 import numpy as np
 import torch
+import torch._inductor.config
+import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import load
 import std
 import vision
 from load import Inputs
+from model import small_linear
 
 ACCEPTANCES = (0.5, 0.7, 0.9)
 QUESTIONS = (
@@ -52,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--sweep", action="store_true", help="also run a grid of k and gamma")
     p.add_argument("--transformers", action="store_true", help="also time transformers' generate on the prompt")
     p.add_argument("--steps", help="comma-separated contexts: time decode steps on synthetic caches of these lengths")
+    p.add_argument("--kernels", action="store_true", help="time weight-only int8/int4 matrix-vector kernels on the "
+                   "model's decoder matrices, for 1 and --batch rows (GPU)")
     p.add_argument("--documents", nargs="*", help="text files: measure acceptance with each as the prunable context")
     p.add_argument("--step-times", nargs="+", help="--steps JSON files to project the --documents acceptance onto "
                    "a GPU")
@@ -468,6 +474,49 @@ def print_steps_report(report, args):
           "(the small cache aside); layerskip: half the weights and half the cache")
 
 
+# ---------------------------------------------------------------------------------------------- kernels mode
+
+
+def kernels_mode(args, model, device):
+    """The matrix-vector products of a draft step, by kernel: every layer's qkv, o, gate_up and down in turn, as one
+    CUDA graph. Shows why int8 drafts run our Triton kernel and int4 drafts PyTorch's own (tinygemm)."""
+    if device.type != "cuda" or model.dtype != torch.bfloat16:
+        sys.exit("--kernels times GPU kernels on bfloat16 activations: it needs a GPU and no --dtype")
+    torch._inductor.config.coordinate_descent_tuning = True  # as gpt-fast sets it: its int8 is slower without
+    torch._dynamo.config.recompile_limit = 64  # gpt-fast's int8 compiles once per matrix shape and row count
+    linears = [m for layer in model.layers for m in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up,
+                                                     layer.mlp.down_proj)]
+    int8, int4 = [std.Int8Linear(m) for m in linears], [std.Int4Linear(m) for m in linears]
+    gpt_fast_int8 = torch.compile(lambda x, w, scale: F.linear(x, w.to(x.dtype)) * scale, dynamic=False)
+    int8_bytes = sum(q.weight.nbytes + q.scale.nbytes for q in int8)
+    kernels = {
+        "bf16, cuBLAS (F.linear)": (lambda x: [F.linear(x[m.in_features], m.weight) for m in linears], None),
+        "bf16, ours (Triton small_linear)": (lambda x: [small_linear(x[m.in_features], m.weight) for m in linears],
+                                             None),
+        "int8, ours (Triton small_linear)": (lambda x: [small_linear(x[q.weight.shape[1]], q.weight, None, q.scale)
+                                                        for q in int8], int8_bytes),
+        "int8, PyTorch _weight_int8pack_mm": (lambda x: [torch.ops.aten._weight_int8pack_mm(
+            x[q.weight.shape[1]], q.weight, q.scale.to(x[q.weight.shape[1]].dtype)) for q in int8], int8_bytes),
+        "int8, gpt-fast (compiled dequantize + F.linear)": (lambda x: [gpt_fast_int8(
+            x[q.weight.shape[1]], q.weight, q.scale.to(x[q.weight.shape[1]].dtype)) for q in int8], int8_bytes),
+        "int4, PyTorch _weight_int4pack_mm (tinygemm)": (lambda x: [torch.ops.aten._weight_int4pack_mm(
+            x[m.in_features], q.packed, q.group, q.scale_and_zero) for m, q in zip(linears, int4)],
+            sum(q.packed.nbytes + q.scale_and_zero.nbytes for q in int4)),
+    }
+    report = dict(device=describe(device), model=args.model, matrices=len(linears), rows={})
+    print(f"{describe(device)}, {args.model}: {len(linears)} decoder matrices in turn, one CUDA graph")
+    for rows in sorted({1, args.batch}):
+        x = {n: torch.randn(rows, n, device=device, dtype=torch.bfloat16) for n in {m.in_features for m in linears}}
+        report["rows"][rows] = {}
+        for name, (run_all, nbytes) in kernels.items():
+            nbytes = nbytes or sum(m.weight.nbytes for m in linears)
+            ms = median_ms(std.cuda_graph(lambda: run_all(x), [], None), reps=10)
+            report["rows"][rows][name] = dict(ms=ms, bytes=nbytes, tb_per_s=nbytes / ms / 1e9)
+            print(f"{rows:>2} rows  {name:<48} {ms:>8.3f} ms  {nbytes / 1e9:>6.2f} GB  {nbytes / ms / 1e9:>5.2f} TB/s",
+                  flush=True)
+    return report
+
+
 # ---------------------------------------------------------------------------------------------- documents mode
 
 
@@ -642,7 +691,9 @@ def main(argv=None):
     random_weights = args.model in load.PRESETS
     print(f"loading {args.model} on {device} ...", file=sys.stderr)
     model, processor = load.load(args.model, device=device, dtype=dtype)
-    if args.steps:
+    if args.kernels:
+        report = kernels_mode(args, model, device)
+    elif args.steps:
         report = steps_mode(args, model, device, [int(c) for c in args.steps.split(",")])
     elif args.documents:
         report = documents_mode(args, model, processor, device)

@@ -713,6 +713,17 @@ def test_bench_takes_an_early_exit_draft_and_prompts_that_stop_at_once(tmp_path)
         assert run.stdout.count("MATCH") == 2
 
 
+def test_bench_kernels_mode_times_every_kernel_on_a_gpu_and_refuses_without_one(tmp_path):
+    run = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--kernels", "--model", "tiny", "--batch",
+                          "3", "--json", str(tmp_path / "kernels.json")], capture_output=True, text=True, cwd=tmp_path)
+    if not torch.cuda.is_available():
+        assert run.returncode != 0 and "it needs a GPU" in run.stderr
+        return
+    assert run.returncode == 0, run.stderr
+    rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
+    assert set(rows) == {"1", "3"} and all(len(kernels) == 6 for kernels in rows.values())
+
+
 def test_bench_documents_mode_is_lossless_and_projects_from_step_times(tmp_path):
     """Every draft kind reproduces dense decoding on every prompt; projections are tokens per verification times a
     dense step, over gamma draft steps plus a verify step."""
