@@ -126,9 +126,9 @@ def fill_draft_row(draft: KVCache, dense: KVCache, row: int, kept: list[torch.Te
 class Int8Linear(nn.Module):
     """Weight-only int8, one scale per output row.
 
-    A decode step's few rows go through model.small_linear. On an H100 it reads int8 weights at 2.1-2.2 TB/s for 1 to
-    8 rows; PyTorch's `_weight_int8pack_mm` reads 0.1 TB/s, and gpt-fast's compiled `F.linear(x, w.to(x.dtype)) *
-    scale` matches ours at one row but drops to 0.55 TB/s at two or more (BENCHMARKS.md, section 5).
+    A decode step's few rows go through model.small_linear: on an H100 it reads int8 weights at 2.1-2.2 TB/s for 1 or
+    4 rows. PyTorch's `_weight_int8pack_mm` reads them at 0.1 TB/s, and gpt-fast's compiled `F.linear(x,
+    w.to(x.dtype)) * scale` matches ours at one row but drops to 0.5 TB/s at four (`bench.py --kernels`).
     """
 
     def __init__(self, linear: nn.Linear):
