@@ -126,9 +126,10 @@ def fill_draft_row(draft: KVCache, dense: KVCache, row: int, kept: list[torch.Te
 class Int8Linear(nn.Module):
     """Weight-only int8, one scale per output row.
 
-    A decode step's few rows go through model.small_linear: on an H100 it reads int8 weights at 2.1-2.2 TB/s for 1 or
-    4 rows. PyTorch's `_weight_int8pack_mm` reads them at 0.1 TB/s, and gpt-fast's compiled `F.linear(x,
-    w.to(x.dtype)) * scale` matches ours at one row but drops to 0.5 TB/s at four (`bench.py --kernels`).
+    A decode step's few rows go through model.small_linear. At the 7B shape on an H100 it reads int8 weights at
+    2.1-2.2 TB/s for 1 or 4 rows; PyTorch's `_weight_int8pack_mm` manages 0.07-0.11 TB/s, and gpt-fast's compiled
+    `F.linear(x, w.to(x.dtype)) * scale` matches ours at one row but drops to 0.5 TB/s at four (`bench.py --kernels`,
+    BENCHMARKS.md section 5).
     """
 
     def __init__(self, linear: nn.Linear):
@@ -161,13 +162,15 @@ class Int4Linear(nn.Module):
         N, K = linear.weight.shape
         self.group = next((g for g in (128, 64, 32) if K % g == 0), None)
         if self.group is None or N % 8:
-            raise ValueError(f"int4 groups need in_features a multiple of 32 and out_features of 8, got {K}, {N}")
+            raise ValueError(f"int4 needs in_features a multiple of 32 (its groups) and out_features a multiple of 8 "
+                             f"(tinygemm's tiles), got {K} and {N}")
         w = linear.weight.float().view(N, K // self.group, self.group)
         lowest, highest = w.amin(dim=-1), w.amax(dim=-1)
         scale = ((highest - lowest) / 15).clamp(min=1e-8)
         q = ((w - lowest[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8).view(N, K)
         pairs = q[:, ::2] << 4 | q[:, 1::2]  # [N, K / 2], the even column in the high nibble
-        if linear.weight.is_cuda:
+        self.tinygemm = linear.weight.is_cuda  # the layout is fixed here: the module cannot move between devices
+        if self.tinygemm:
             inner_k_tiles = next(t for t in (8, 4, 2) if K % (16 * t) == 0)
             pairs = torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles)
         self.register_buffer("packed", pairs)
@@ -177,15 +180,18 @@ class Int4Linear(nn.Module):
         self.bias = linear.bias
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.packed.is_cuda:
-            raise RuntimeError("int4 weights on a GPU are in tinygemm's packed layout, which only its kernel reads")
+        if self.tinygemm:
+            raise RuntimeError("int4 weights quantized on a GPU are in tinygemm's layout, which only its kernel reads")
         q = torch.stack([self.packed >> 4, self.packed & 0xF], dim=-1).to(dtype)  # [N, K / 2, 2]
         q = q.view(q.shape[0], -1, self.group) - 8
         scale, zero = self.scale_and_zero.to(dtype).transpose(0, 1).unbind(-1)  # [N, K / group] each
         return (q * scale[..., None] + zero[..., None]).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed.is_cuda:
+        if x.is_cuda != self.tinygemm:
+            raise RuntimeError(f"int4 weights were quantized on {'a GPU' if self.tinygemm else 'the CPU'} and cannot "
+                               f"run on {x.device}: quantize the model where it runs")
+        if self.tinygemm:
             flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
             y = torch.ops.aten._weight_int4pack_mm(flat, self.packed, self.group, self.scale_and_zero)
             y = y.to(x.dtype).view(*x.shape[:-1], -1)
