@@ -73,6 +73,8 @@ def parse_args(argv=None):
         p.error("--reselect and --step-times go with --documents")
     if args.reselect is not None and args.reselect < 1:
         p.error("--reselect must be at least 1")
+    if sum(map(bool, (args.steps, args.kernels, args.documents))) > 1:
+        p.error("--steps, --kernels and --documents are separate modes: give one")
     if args.reselect is not None and args.draft is not None:
         p.error("--reselect compares top-k drafts: leave out --draft")
     if args.draft is None and not args.documents:
@@ -487,21 +489,23 @@ def kernels_mode(args, model, device):
     linears = [m for layer in model.layers for m in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up,
                                                      layer.mlp.down_proj)]
     int8, int4 = [std.Int8Linear(m) for m in linears], [std.Int4Linear(m) for m in linears]
+    scales = [q.scale.to(torch.bfloat16) for q in int8]  # PyTorch's and gpt-fast's int8 take them in x's dtype
     gpt_fast_int8 = torch.compile(lambda x, w, scale: F.linear(x, w.to(x.dtype)) * scale, dynamic=False)
+    bf16_bytes = sum(m.weight.nbytes for m in linears)
     int8_bytes = sum(q.weight.nbytes + q.scale.nbytes for q in int8)
+    int4_bytes = sum(q.packed.nbytes + q.scale_and_zero.nbytes for q in int4)
     kernels = {
-        "bf16, cuBLAS (F.linear)": (lambda x: [F.linear(x[m.in_features], m.weight) for m in linears], None),
+        "bf16, cuBLAS (F.linear)": (lambda x: [F.linear(x[m.in_features], m.weight) for m in linears], bf16_bytes),
         "bf16, ours (Triton small_linear)": (lambda x: [small_linear(x[m.in_features], m.weight) for m in linears],
-                                             None),
-        "int8, ours (Triton small_linear)": (lambda x: [small_linear(x[q.weight.shape[1]], q.weight, None, q.scale)
-                                                        for q in int8], int8_bytes),
+                                             bf16_bytes),
+        "int8, ours (Triton small_linear)": (lambda x: [small_linear(x[m.in_features], q.weight, None, q.scale)
+                                                        for m, q in zip(linears, int8)], int8_bytes),
         "int8, PyTorch _weight_int8pack_mm": (lambda x: [torch.ops.aten._weight_int8pack_mm(
-            x[q.weight.shape[1]], q.weight, q.scale.to(x[q.weight.shape[1]].dtype)) for q in int8], int8_bytes),
+            x[m.in_features], q.weight, scale) for m, q, scale in zip(linears, int8, scales)], int8_bytes),
         "int8, gpt-fast (compiled dequantize + F.linear)": (lambda x: [gpt_fast_int8(
-            x[q.weight.shape[1]], q.weight, q.scale.to(x[q.weight.shape[1]].dtype)) for q in int8], int8_bytes),
+            x[m.in_features], q.weight, scale) for m, q, scale in zip(linears, int8, scales)], int8_bytes),
         "int4, PyTorch _weight_int4pack_mm (tinygemm)": (lambda x: [torch.ops.aten._weight_int4pack_mm(
-            x[m.in_features], q.packed, q.group, q.scale_and_zero) for m, q in zip(linears, int4)],
-            sum(q.packed.nbytes + q.scale_and_zero.nbytes for q in int4)),
+            x[m.in_features], q.packed, q.group, q.scale_and_zero) for m, q in zip(linears, int4)], int4_bytes),
     }
     report = dict(device=describe(device), model=args.model, matrices=len(linears), rows={})
     print(f"{describe(device)}, {args.model}: {len(linears)} decoder matrices in turn, one CUDA graph")
@@ -509,7 +513,6 @@ def kernels_mode(args, model, device):
         x = {n: torch.randn(rows, n, device=device, dtype=torch.bfloat16) for n in {m.in_features for m in linears}}
         report["rows"][rows] = {}
         for name, (run_all, nbytes) in kernels.items():
-            nbytes = nbytes or sum(m.weight.nbytes for m in linears)
             ms = median_ms(std.cuda_graph(lambda: run_all(x), [], None), reps=10)
             report["rows"][rows][name] = dict(ms=ms, bytes=nbytes, tb_per_s=nbytes / ms / 1e9)
             print(f"{rows:>2} rows  {name:<48} {ms:>8.3f} ms  {nbytes / 1e9:>6.2f} GB  {nbytes / ms / 1e9:>5.2f} TB/s",
@@ -708,4 +711,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:  # bad input (a path, a video, a checkpoint, k or gamma): no traceback
+        sys.exit(f"bench.py: {e}")

@@ -128,8 +128,8 @@ class Int8Linear(nn.Module):
 
     A decode step's few rows go through model.small_linear. At the 7B shape on an H100 it reads int8 weights at
     2.1-2.2 TB/s for 1 or 4 rows; PyTorch's `_weight_int8pack_mm` manages 0.07-0.11 TB/s, and gpt-fast's compiled
-    `F.linear(x, w.to(x.dtype)) * scale` matches ours at one row but drops to 0.5 TB/s at four (`bench.py --kernels`,
-    BENCHMARKS.md section 5).
+    `F.linear(x, w.to(x.dtype)) * scale` is about as fast at one row but drops to 0.5 TB/s at four
+    (`bench.py --kernels`, BENCHMARKS.md section 5).
     """
 
     def __init__(self, linear: nn.Linear):

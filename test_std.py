@@ -718,6 +718,30 @@ def test_bench_runs_end_to_end_on_the_cpu(tmp_path):
     assert [r["sequence"] for r in runs] == [0, 1] and all(r["match"] for r in runs)
 
 
+def test_bench_reports_bad_input_in_one_line(tmp_path):
+    (tmp_path / "bad.mp4").write_text("not a video")
+    for argv, message in ((["--model", str(tmp_path / "missing")], "neither a checkpoint directory nor a preset"),
+                          (["--model", "tiny", "--video", str(tmp_path / "bad.mp4")], "cannot decode video")):
+        run = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), *argv], capture_output=True, text=True,
+                             cwd=tmp_path)
+        assert run.returncode == 1 and message in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--steps", "1024", "--kernels"], "separate modes"),
+    (["--kernels", "--documents", "a.txt"], "separate modes"),
+    (["--reselect", "8"], "go with --documents"),
+    (["--documents", "a.txt", "--reselect", "8", "--draft", "topk"], "leave out --draft"),
+    (["--gamma", "0"], "--gamma must be at least 1"),
+])
+def test_bench_refuses_contradictory_flags(argv, message, capsys):
+    import bench
+
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
 def test_bench_takes_an_early_exit_draft_and_prompts_that_stop_at_once(tmp_path):
     for extra in (["--draft", "layerskip", "--max-new-tokens", "6", "--gamma", "2"], ["--max-new-tokens", "1"]):
         run = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--clip-seconds", "2", "--batch", "2",
