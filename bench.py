@@ -73,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--documents", nargs="+", help="text files: measure acceptance with each as the prunable context")
     p.add_argument("--step-times", nargs="+", help="--steps JSON files to project the --documents acceptance onto "
                    "a GPU")
+    p.add_argument("--resume", metavar="REPORT.json", help="with --documents: go on from the --json report of an "
+                   "interrupted run, whose documents begin this run's")
     p.add_argument("--reselect", type=int, metavar="N", help="with --documents: compare top-k against re-choosing "
                    "the kept set every N tokens from the newest tokens' attention (k and gamma from --k, --gamma)")
     p.add_argument("--kernels", action="store_true", help="time weight-only int8/int4 matrix-vector kernels on the "
@@ -108,8 +110,8 @@ def parse_args(argv=None):
     if args.model == load.DEMO_PRESET and not other_mode:
         p.error(f"{args.model} takes text, not video (its tokenizer has no vision tokens): measure it with "
                 "--documents FILE")
-    if (args.reselect is not None or args.step_times) and not args.documents:
-        p.error("--reselect and --step-times go with --documents")
+    if (args.reselect is not None or args.step_times or args.resume) and not args.documents:
+        p.error("--reselect, --step-times and --resume go with --documents")
     if args.reselect is not None and args.reselect < 1:
         p.error("--reselect must be at least 1")
     if args.reselect is not None and args.draft is not None:
@@ -118,7 +120,7 @@ def parse_args(argv=None):
         p.error("--show-selection draws what a pruning draft keeps; draft 'layerskip' keeps every token")
     if args.show_selection and not args.show_selection.lower().endswith(".png"):
         p.error(f"--show-selection writes a PNG file, got {args.show_selection!r}")
-    for path in [*(args.video or ()), *(args.documents or ()), *(args.step_times or ())]:
+    for path in [*(args.video or ()), *(args.documents or ()), *(args.step_times or ()), *([args.resume] if args.resume else [])]:
         if not os.path.exists(path):
             p.error(f"no such file or folder: {path}")
     if args.draft is None and not args.documents:
@@ -679,8 +681,17 @@ def documents_mode(args, model, processor, device):
     prompts = document_prompts(args.documents, processor)
     if not prompts:
         sys.exit("bench.py: no document holds any text")
+    done = 0
+    if args.resume:
+        earlier = read_json(args.resume)
+        saved = {(c["draft"], c["k"], c["gamma"]): c for c in earlier.get("totals", ())}
+        if set(saved) != set(configs) or earlier.get("documents") != args.documents[: len(earlier["documents"])]:
+            sys.exit(f"bench.py: {args.resume} is not a report of this study on the first of these documents")
+        done = earlier["prompts_done"]
+        totals = {c: {name: saved[c][name] for name in totals[c]} for c in configs}
+        print(f"resuming after {done} of {len(prompts)} prompts", file=sys.stderr)
     start = time.perf_counter()
-    for n, (path, question, inputs, prunable) in enumerate(prompts, 1):
+    for n, (path, question, inputs, prunable) in enumerate(prompts[done:], done + 1):
         print(f"[{n}/{len(prompts)}, {time.perf_counter() - start:.0f}s] {os.path.basename(path)} "
               f"({len(inputs.input_ids)} tokens): {question}", file=sys.stderr)
         prefilled = std.prefill(model, inputs, room, prunable)
@@ -705,16 +716,21 @@ def documents_mode(args, model, processor, device):
             t["prefills"] += prefills
             t["matches"] += r.tokens == dense
             t["keeps_all"] += k is not None and k >= int(prunable.sum())
-        if args.json:  # an interrupted study keeps what it measured; the full report replaces this at the end
-            with open(args.json, "w") as f:
-                json.dump(dict(partial=True, prompts_done=n, totals=[dict(draft=c[0], k=c[1], gamma=c[2], **t)
-                                                                     for c, t in totals.items()]), f, indent=1)
+        if args.json:  # an interrupted study keeps what it measured (--resume goes on from it)
+            report = dict(partial=n < len(prompts), **progress(args.documents, n, totals))
+            Path(args.json).write_text(json.dumps(report, indent=1))
     report = dict(device=describe(device), model=args.model, prompts=len(prompts), max_new_tokens=args.max_new_tokens,
-                  documents=args.documents, questions=QUESTIONS, step_times=args.step_times)
+                  questions=QUESTIONS, step_times=args.step_times, **progress(args.documents, len(prompts), totals))
     print(f"\n{len(prompts)} prompts, at most {args.max_new_tokens} new tokens; acceptance and tokens per round are "
           "ratios of sums over the prompts")
     report["configs"] = documents_table(totals, step_rows, step_models)
     return report
+
+
+def progress(documents, done: int, totals: dict) -> dict:
+    """What --resume needs: the documents, how many prompts are done, and the sums over them."""
+    return dict(documents=documents, prompts_done=done,
+                totals=[dict(draft=c[0], k=c[1], gamma=c[2], **t) for c, t in totals.items()])
 
 
 def document_prompts(paths, processor, max_tokens: int = 8192) -> list:

@@ -910,6 +910,20 @@ def test_bench_documents_mode_is_lossless_and_projects_from_step_times(tmp_path)
     assert [(c["draft"], c["k"], c["gamma"]) for c in json.loads(report.read_text())["configs"]] == [
         ("topk-int4", 1024, 4)]
 
+    # A study cut short goes on from its report: resumed, it sums to the run in one go.
+    second = tmp_path / "second.txt"
+    second.write_text(document.read_text()[::-1])
+    argv = ("--model", tmp_path / "model", "--max-new-tokens", "4", "--draft", "topk", "--json")
+    assert bench("--documents", document, *argv, tmp_path / "first.json", cwd=tmp_path).returncode == 0
+    assert bench("--documents", document, second, *argv, tmp_path / "whole.json", cwd=tmp_path).returncode == 0
+    run = bench("--documents", document, second, "--resume", tmp_path / "first.json", *argv, tmp_path / "resumed.json",
+                cwd=tmp_path)
+    assert run.returncode == 0 and "resuming after 4 of 8 prompts" in run.stderr, run.stderr
+    whole, resumed = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("whole", "resumed"))
+    assert resumed["totals"] == whole["totals"] and resumed["configs"] == whole["configs"]
+    run = bench("--documents", second, "--resume", tmp_path / "first.json", *argv, report, cwd=tmp_path)
+    assert run.returncode == 1 and "not a report of this study on the first of these documents" in run.stderr
+
     # The re-selection experiment: re-chosen kept sets, still dense decoding's tokens.
     run = bench("--documents", document, "--model", tmp_path / "model", "--max-new-tokens", "7", "--reselect", "3",
                 "--k", "64", "--gamma", "2", "--json", report, cwd=tmp_path)
