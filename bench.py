@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch._dynamo.utils import counters
 
 import load
 import std
@@ -199,6 +198,8 @@ def run_video(args, model, processor, device, videos, clips, prompts):
     if args.transformers:
         report["transformers"] = transformers_times(args, model, batch[0], device)
     # Compilation happens only while the CUDA graphs are captured (decoding replays them): these count it all.
+    from torch._dynamo.utils import counters  # imported here: importing dynamo takes seconds
+
     report["compiled_graphs"] = counters["stats"]["unique_graphs"]
     report["graph_breaks"] = sum(counters["graph_break"].values())
     print_video_report(report, args)
@@ -696,7 +697,7 @@ def documents_mode(args, model, processor, device):
               f"({len(inputs.input_ids)} tokens): {question}", file=sys.stderr)
         prefilled = std.prefill(model, inputs, room, prunable)
         dense = std.decode(prefilled, args.max_new_tokens)[0].tokens
-        oracle = answer_attention(model, prefilled, inputs, dense)
+        oracle = answer_attention(model, prefilled, inputs, dense) if any(c[0] == "oracle" for c in configs) else None
         for c in configs:
             kind, k, gamma = c
             if kind == "reselect":
