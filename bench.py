@@ -143,9 +143,10 @@ def video_mode(args, config, device, dtype):
         for path in dict.fromkeys(videos[b % len(videos)] for b in range(args.batch)):
             print(f"decoding {path} ...", file=sys.stderr)
             start = time.perf_counter()
-            frames = vision.load_frames(path, args.fps, args.max_frames)
+            frames, sampled_fps = vision.load_frames(path, args.fps, args.max_frames)
             pixel_values, grid = vision.preprocess(frames, config.vision)
-            clips[path] = (frames, pixel_values, grid, time.perf_counter() - start)
+            clips[path] = (frames, pixel_values, grid, config.vision.temporal_patch_size / sampled_fps,
+                           time.perf_counter() - start)
             print(f"  {len(frames)} frames of {frames.shape[2]}x{frames.shape[1]}, {grid[0, 0]} frame pairs of "
                   f"{grid[0, 1]}x{grid[0, 2]} patches ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
         model, processor = load_model(args, device, dtype)
@@ -204,7 +205,7 @@ def run_video(args, model, processor, device, videos, clips, prompts):
     report["graph_breaks"] = sum(counters["graph_break"].values())
     print_video_report(report, args)
     if args.show_selection:
-        frames, _, grid, _ = clips[videos[0]]
+        frames, _, grid, _, _ = clips[videos[0]]
         show_selection(p, 0, args.draft, args.k, frames, grid[0].tolist(), args.show_selection,
                        title=f"{os.path.basename(videos[0])}: draft {args.draft} keeps k={args.k} of "
                              f"{int(p.prunable[0].sum())} visual tokens per layer and KV head")
@@ -222,10 +223,10 @@ def load_model(args, device, dtype):
 
 def video_prompt(clip, processor, config, question, seed=0):
     """-> (inputs, the clip's video description)."""
-    frames, pixel_values, grid, decode_s = clip
+    frames, pixel_values, grid, second_per_grid_t, decode_s = clip
     video = dict(frames=len(frames), video_decode_s=decode_s)
     if processor is not None:
-        return processor.prompt(question, pixel_values, grid), video
+        return processor.prompt(question, pixel_values, grid, second_per_grid_t), video
     # No tokenizer: the system prompt and question become random token ids, none of them a vision or stop token.
     rng = np.random.default_rng(seed)
     special = {config.image_token_id, config.video_token_id, config.vision_start_token_id,
@@ -235,7 +236,7 @@ def video_prompt(clip, processor, config, question, seed=0):
     n_visual = int(grid.prod()) // config.vision.spatial_merge_size**2
     ids = (text(20) + [config.vision_start_token_id] + [config.video_token_id] * n_visual
            + [config.vision_end_token_id] + text(24))
-    return Inputs(torch.tensor(ids), pixel_values, grid), video
+    return Inputs(torch.tensor(ids), pixel_values, grid, torch.tensor([second_per_grid_t])), video
 
 
 def make_clip(path: str, seconds: float, fps: int = 4, width: int = 640, height: int = 360) -> None:
@@ -288,7 +289,7 @@ def first_difference(model, inputs, dense, sparse):
     i = next((j for j, (a, b) in enumerate(zip(dense, sparse)) if a != b), min(len(dense), len(sparse)))
     with torch.inference_mode():
         ids = torch.cat([inputs.input_ids, torch.tensor(dense[:i], dtype=torch.long)])
-        top = model(Inputs(ids, inputs.pixel_values, inputs.grid_thw))[-1].float().topk(2).values
+        top = model(dataclasses.replace(inputs, input_ids=ids))[-1].float().topk(2).values
     margin = float(top[0] - top[1])
     return f"DIFFER at token {i} (dense top-2 margin {margin:.3g})", i, margin
 
@@ -448,21 +449,23 @@ def draw_selection(frames, grid_thw, layers, path, title="", patch=14, merge=2, 
 
 def transformers_times(args, model, inputs, device):
     """Decode ms/token of transformers' generate on the same prompt: (time for 1 + n tokens - time for 1) / n."""
-    from transformers import Qwen2VLForConditionalGeneration
+    import transformers
 
     print("transformers generate ...", file=sys.stderr)
+    qwen2_5 = model.config.vision.model_type == "qwen2_5_vl"
+    cls = transformers.Qwen2_5_VLForConditionalGeneration if qwen2_5 else transformers.Qwen2VLForConditionalGeneration
     if os.path.isdir(str(args.model)):
-        hf = Qwen2VLForConditionalGeneration.from_pretrained(args.model, dtype=model.dtype,
-                                                             attn_implementation="sdpa").to(device)
+        hf = cls.from_pretrained(args.model, dtype=model.dtype, attn_implementation="sdpa").to(device)
     else:  # the same shape with its own random weights: time does not depend on the values
         with torch.device(device):
-            hf = Qwen2VLForConditionalGeneration._from_config(transformers_config(model.config), dtype=model.dtype,
-                                                             attn_implementation="sdpa")
+            hf = cls._from_config(transformers_config(model.config), dtype=model.dtype, attn_implementation="sdpa")
     hf.eval()
     ids = inputs.input_ids[None].to(device)
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                   pixel_values_videos=inputs.pixel_values.to(device), video_grid_thw=inputs.grid_thw.to(device),
                   mm_token_type_ids=(ids == model.config.video_token_id).int() * 2)
+    if qwen2_5:
+        kwargs["second_per_grid_ts"] = inputs.second_per_grid_ts
     n = args.max_new_tokens
 
     def timed(tokens):
@@ -483,18 +486,27 @@ def transformers_times(args, model, inputs, device):
 
 
 def transformers_config(c):
-    from transformers import Qwen2VLConfig
+    """Our config as transformers' Qwen2VLConfig or Qwen2_5_VLConfig."""
+    import transformers
 
     v = c.vision
-    return Qwen2VLConfig(
+    if v.model_type == "qwen2_vl":
+        config_class = transformers.Qwen2VLConfig
+        vision = dict(depth=v.depth, embed_dim=v.embed_dim, hidden_size=v.hidden_size, num_heads=v.num_heads,
+                      mlp_ratio=int(v.mlp_ratio) if v.mlp_ratio == int(v.mlp_ratio) else v.mlp_ratio)
+    else:
+        config_class = transformers.Qwen2_5_VLConfig
+        vision = dict(depth=v.depth, hidden_size=v.embed_dim, out_hidden_size=v.hidden_size, num_heads=v.num_heads,
+                      intermediate_size=v.intermediate_size, window_size=v.window_size,
+                      fullatt_block_indexes=list(v.full_attention_blocks), tokens_per_second=v.tokens_per_second)
+    return config_class(
         text_config=dict(hidden_size=c.dim, intermediate_size=c.intermediate_size, num_hidden_layers=c.n_layers,
                          num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, vocab_size=c.vocab_size,
                          rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings,
                          rope_scaling={"type": "mrope", "mrope_section": list(c.mrope_section)}),
-        vision_config=dict(depth=v.depth, embed_dim=v.embed_dim, hidden_size=v.hidden_size, num_heads=v.num_heads,
-                           mlp_ratio=int(v.mlp_ratio) if v.mlp_ratio == int(v.mlp_ratio) else v.mlp_ratio),
-        image_token_id=c.image_token_id, video_token_id=c.video_token_id, tie_word_embeddings=c.tie_embeddings,
-        vision_start_token_id=c.vision_start_token_id, vision_end_token_id=c.vision_end_token_id,
+        vision_config=vision, image_token_id=c.image_token_id, video_token_id=c.video_token_id,
+        tie_word_embeddings=c.tie_embeddings, vision_start_token_id=c.vision_start_token_id,
+        vision_end_token_id=c.vision_end_token_id,
     )
 
 

@@ -26,12 +26,24 @@ from model import ModelConfig, Qwen2VL, RMSNorm
 from vision import (FPS, MAX_FRAMES, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VisionConfig, VisionTransformer,
                     load_frames, preprocess)
 
+# The released models' shapes. Qwen2-VL: its 2B, 7B and 72B config.json. Qwen2.5-VL: the 3B and 7B config.json
+# files; 32B and 72B from their language models' published sizes (Qwen2.5-32B: 64 layers, 40/8 heads), with the
+# same vision tower (32 blocks of 1280, 16 heads, SwiGLU of 3420, out_hidden_size the model's width).
+QWEN2_5_VISION = dict(model_type="qwen2_5_vl", embed_dim=1280, num_heads=16, depth=32, intermediate_size=3420)
 PRESETS = {
     "qwen2-vl-2b": ModelConfig(vocab_size=151936, dim=1536, n_layers=28, n_heads=12, n_kv_heads=2,
                                intermediate_size=8960, tie_embeddings=True, vision=VisionConfig(hidden_size=1536)),
     "qwen2-vl-7b": ModelConfig(),
     "qwen2-vl-72b": ModelConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=29568,
                                 vision=VisionConfig(hidden_size=8192)),
+    "qwen2.5-vl-3b": ModelConfig(vocab_size=151936, dim=2048, n_layers=36, n_heads=16, n_kv_heads=2,
+                                 intermediate_size=11008, tie_embeddings=True,
+                                 vision=VisionConfig(**QWEN2_5_VISION, hidden_size=2048)),
+    "qwen2.5-vl-7b": ModelConfig(vision=VisionConfig(**QWEN2_5_VISION, hidden_size=3584)),
+    "qwen2.5-vl-32b": ModelConfig(dim=5120, n_layers=64, n_heads=40, n_kv_heads=8, intermediate_size=27648,
+                                  vision=VisionConfig(**QWEN2_5_VISION, hidden_size=5120)),
+    "qwen2.5-vl-72b": ModelConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=29568,
+                                  vision=VisionConfig(**QWEN2_5_VISION, hidden_size=8192)),
     "tiny": ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
                         mrope_section=(2, 3, 3), image_token_id=500, video_token_id=501, vision_start_token_id=502,
                         vision_end_token_id=503, stop_token_ids=(510, 511),
@@ -45,10 +57,12 @@ PRESETS = {
 def parse_config(raw: dict, generation: dict | None = None) -> ModelConfig:
     """config.json (flat or nested) -> ModelConfig. `generation` is generation_config.json, for its stop tokens.
 
-    Keys the file leaves out take ModelConfig's and VisionConfig's defaults, which are Qwen2-VL-7B's.
+    Keys the file leaves out take ModelConfig's and VisionConfig's defaults, which are the released 7B models'.
     """
-    if raw.get("model_type") != "qwen2_vl":
-        raise ValueError(f"unsupported model_type {raw.get('model_type')!r}: this loader reads Qwen2-VL ('qwen2_vl')")
+    model_type = raw.get("model_type")
+    if model_type not in VISION_KEYS:
+        raise ValueError(f"unsupported model_type {model_type!r}: this loader reads Qwen2-VL ('qwen2_vl') and "
+                         "Qwen2.5-VL ('qwen2_5_vl')")
     text = {**raw, **raw.get("text_config", {})}  # the nested layout keeps the language model in text_config
     if text.get("use_sliding_window"):
         raise ValueError("sliding-window attention (use_sliding_window) is not supported")
@@ -57,9 +71,11 @@ def parse_config(raw: dict, generation: dict | None = None) -> ModelConfig:
     if "vision_config" not in raw:
         raise ValueError("config.json has no 'vision_config'")
     vision = raw["vision_config"]
-    if vision.get("hidden_act", "quick_gelu") != "quick_gelu":
-        raise ValueError(f"vision hidden_act {vision['hidden_act']!r} is not supported (Qwen2-VL uses quick_gelu)")
-    for source, keys, where in ((text, TEXT_REQUIRED, "the text config"), (vision, VISION_REQUIRED, "vision_config")):
+    activation = "quick_gelu" if model_type == "qwen2_vl" else "silu"
+    if vision.get("hidden_act", activation) != activation:
+        raise ValueError(f"vision hidden_act {vision['hidden_act']!r} is not supported ({model_type} uses {activation})")
+    for source, keys, where in ((text, TEXT_REQUIRED, "the text config"),
+                                (vision, VISION_REQUIRED[model_type], "vision_config")):
         for key in keys:
             if key not in source:
                 raise ValueError(f"config.json has no {key!r} in {where}")
@@ -78,23 +94,34 @@ def parse_config(raw: dict, generation: dict | None = None) -> ModelConfig:
         stops += eos if isinstance(eos, list) else [] if eos is None else [eos]
     if stops:
         lm["stop_token_ids"] = tuple(dict.fromkeys(stops))
-    vis = {ours: vision[theirs] for theirs, ours in VISION_KEYS.items() if vision.get(theirs) is not None}
+    vis = {ours: vision[theirs] for theirs, ours in VISION_KEYS[model_type].items() if vision.get(theirs) is not None}
     vis.setdefault("hidden_size", text["hidden_size"])  # the merger projects into the language model's width
     if "rope_theta" in (vision.get("rope_parameters") or {}):
         vis["rope_theta"] = vision["rope_parameters"]["rope_theta"]
-    return ModelConfig(**lm, vision=VisionConfig(**vis))
+    if "full_attention_blocks" in vis:
+        vis["full_attention_blocks"] = tuple(vis["full_attention_blocks"])
+    return ModelConfig(**lm, vision=VisionConfig(model_type=model_type, **vis))
 
 
-# config.json key -> our field. Required keys have no default worth guessing; the rest default to Qwen2-VL-7B's.
+# config.json key -> our field. Required keys have no default worth guessing; the rest default to the 7B models'.
 TEXT_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 TEXT_KEYS = {"vocab_size": "vocab_size", "hidden_size": "dim", "num_hidden_layers": "n_layers",
              "num_attention_heads": "n_heads", "intermediate_size": "intermediate_size", "rope_theta": "rope_theta",
              "rms_norm_eps": "norm_eps"}
 TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-VISION_REQUIRED = ("depth", "embed_dim", "num_heads")
-VISION_KEYS = {"depth": "depth", "embed_dim": "embed_dim", "num_heads": "num_heads", "mlp_ratio": "mlp_ratio",
-               "hidden_size": "hidden_size", "patch_size": "patch_size", "temporal_patch_size": "temporal_patch_size",
-               "spatial_merge_size": "spatial_merge_size", "in_channels": "in_channels", "in_chans": "in_channels"}
+COMMON_VISION_KEYS = {"depth": "depth", "num_heads": "num_heads", "patch_size": "patch_size",
+                      "temporal_patch_size": "temporal_patch_size", "spatial_merge_size": "spatial_merge_size",
+                      "in_channels": "in_channels", "in_chans": "in_channels"}
+# The two families name the vision width differently: Qwen2-VL's hidden_size is the language model's width.
+VISION_KEYS = {
+    "qwen2_vl": {**COMMON_VISION_KEYS, "embed_dim": "embed_dim", "mlp_ratio": "mlp_ratio", "hidden_size": "hidden_size"},
+    "qwen2_5_vl": {**COMMON_VISION_KEYS, "hidden_size": "embed_dim", "out_hidden_size": "hidden_size",
+                   "intermediate_size": "intermediate_size", "window_size": "window_size",
+                   "fullatt_block_indexes": "full_attention_blocks", "tokens_per_second": "tokens_per_second"},
+}
+VISION_REQUIRED = {"qwen2_vl": ("depth", "embed_dim", "num_heads"),
+                   "qwen2_5_vl": ("depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size",
+                                  "fullatt_block_indexes", "tokens_per_second")}
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -226,6 +253,9 @@ class Inputs:
     input_ids: torch.Tensor  # [L] the whole chat prompt
     pixel_values: torch.Tensor | None = None  # [n_patches, 3 * 2 * 14 * 14], rows as the official processor orders them
     grid_thw: torch.Tensor | None = None  # [n_videos, 3] frame pairs, patch rows, patch columns
+    # [n_videos] seconds of video per frame pair (temporal_patch_size / sampling fps): Qwen2.5-VL's temporal
+    # positions follow it; left out, 1.0 (frames sampled at 2 fps), as transformers assumes. Qwen2-VL ignores it.
+    second_per_grid_ts: torch.Tensor | None = None
 
 
 class Processor:
@@ -242,11 +272,13 @@ class Processor:
         """video: a file, a folder of images, or frames; fps, max_frames, and pixels per frame as in qwen-vl-utils."""
         if video is None:
             return self.prompt(question)
-        frames = load_frames(video, fps, max_frames)
-        return self.prompt(question, *preprocess(frames, self.config.vision, min_pixels, max_pixels))
+        frames, sampled_fps = load_frames(video, fps, max_frames)
+        pixel_values, grid_thw = preprocess(frames, self.config.vision, min_pixels, max_pixels)
+        return self.prompt(question, pixel_values, grid_thw, self.config.vision.temporal_patch_size / sampled_fps)
 
-    def prompt(self, question: str, pixel_values: torch.Tensor | None = None, grid_thw: torch.Tensor | None = None):
-        """The chat prompt around an already preprocessed video (or none)."""
+    def prompt(self, question: str, pixel_values: torch.Tensor | None = None, grid_thw: torch.Tensor | None = None,
+               second_per_grid_t: float | None = None):
+        """The chat prompt around an already preprocessed video (or none), and its seconds per frame pair."""
         head = self.encode(f"<|im_start|>system\n{self.system}<|im_end|>\n<|im_start|>user\n")
         tail = self.encode(f"{question}<|im_end|>\n<|im_start|>assistant\n")
         if pixel_values is None:
@@ -259,7 +291,8 @@ class Processor:
                                  f"the config to {expected}: this checkpoint cannot take video")
         n_visual = int(grid_thw.prod()) // c.vision.spatial_merge_size**2
         ids = head + [c.vision_start_token_id] + [c.video_token_id] * n_visual + [c.vision_end_token_id] + tail
-        return Inputs(torch.tensor(ids), pixel_values, grid_thw)
+        seconds = None if second_per_grid_t is None else torch.tensor([second_per_grid_t])
+        return Inputs(torch.tensor(ids), pixel_values, grid_thw, seconds)
 
     def to_text(self, token_ids) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)

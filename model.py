@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import decode_attention, small_linear, small_rows
-from vision import VisionConfig, VisionTransformer
+from vision import RMSNorm, VisionConfig, VisionTransformer
 
 PREFILL_MLP_CHUNK = 8192  # prompt tokens per MLP pass in prefill: bounds the largest activation of a long prompt
 
@@ -132,17 +132,6 @@ class Linear(nn.Linear):
 # ---------------------------------------------------------------------------------------------- layers
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
-
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -227,11 +216,14 @@ class Block(nn.Module):
 # ---------------------------------------------------------------------------------------------- the model
 
 
-def rope_index(input_ids: torch.Tensor, grid_thw: torch.Tensor | None, visual_token_ids, merge: int) -> torch.Tensor:
+def rope_index(input_ids: torch.Tensor, grid_thw: torch.Tensor | None, visual_token_ids, merge: int,
+               time_steps=None) -> torch.Tensor:
     """M-RoPE positions [3, L] of a prompt (t, h, w axes).
 
-    Text counts up by one on all three axes. A video's tokens take their (frame pair, row, column) grid index
-    plus the position where the video starts; the text after it resumes one past the largest position used.
+    Text counts up by one on all three axes. A video's tokens take their (frame pair, row, column) grid index plus
+    the position where the video starts; the text after it resumes one past the largest position used, as the
+    original Qwen2-VL and Qwen2.5-VL code has it. time_steps (Qwen2.5-VL, one per video): the temporal position
+    advances by this much per frame pair, rounded down (tokens_per_second x seconds per frame pair); Qwen2-VL: 1.
     """
     L = input_ids.shape[0]
     pos = torch.arange(L).expand(3, L).clone()
@@ -240,16 +232,20 @@ def rope_index(input_ids: torch.Tensor, grid_thw: torch.Tensor | None, visual_to
     if len(visual) != sum(t * h * w for t, h, w in grids):
         raise ValueError(f"the prompt has {len(visual)} visual tokens, grid_thw {grids} describes "
                          f"{sum(t * h * w for t, h, w in grids)}")
+    steps = [1.0] * len(grids) if time_steps is None else [float(s) for s in time_steps]
+    if len(steps) != len(grids):
+        raise ValueError(f"{len(steps)} time steps (second_per_grid_ts) for {len(grids)} videos")
     first = 0
-    for t, h, w in grids:
+    for (t, h, w), step in zip(grids, steps):
         n = t * h * w
         start = visual[first].item()
         if visual[first + n - 1].item() != start + n - 1:
             raise ValueError(f"the {n} visual tokens of a {t}x{h}x{w} grid must be contiguous from position {start}")
         base = pos[0, start].item()
-        grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
+        grid = torch.stack(torch.meshgrid((torch.arange(t) * step).long(), torch.arange(h), torch.arange(w),
+                                          indexing="ij"))
         pos[:, start : start + n] = grid.reshape(3, n) + base
-        pos[:, start + n :] += max(t, h, w) - n
+        pos[:, start + n :] += int(grid.max()) + 1 - n
         first += n
     return pos
 
@@ -307,8 +303,14 @@ class Qwen2VL(nn.Module):
             if features.shape[0] != visual.sum():
                 raise ValueError(f"the video gives {features.shape[0]} tokens, the prompt has {int(visual.sum())} pads")
             x[visual] = features.to(x.dtype)
+        vision = self.config.vision
+        time_steps = None
+        if vision.model_type == "qwen2_5_vl" and grid_thw is not None:
+            seconds = getattr(inputs, "second_per_grid_ts", None)
+            seconds = [1.0] * len(grid_thw) if seconds is None else torch.as_tensor(seconds).flatten().tolist()
+            time_steps = [vision.tokens_per_second * s for s in seconds]
         pos = rope_index(ids, grid_thw, (self.config.video_token_id, self.config.image_token_id),
-                         self.config.vision.spatial_merge_size)
+                         vision.spatial_merge_size, time_steps)
         return x, pos.to(self.device)
 
     def prefill(self, embeds: torch.Tensor, pos: torch.Tensor, cache: KVCache, row: int = 0, query_rows=None):

@@ -33,16 +33,27 @@ FRAME_PAIRS_PER_CHUNK = 16  # vision encoder activations of a long video stay bo
 
 @dataclass
 class VisionConfig:
+    model_type: str = "qwen2_vl"  # or "qwen2_5_vl": RMSNorm, a SwiGLU MLP and window attention in the blocks
     depth: int = 32
     embed_dim: int = 1280
     num_heads: int = 16
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = 4.0  # Qwen2-VL: its quick_gelu MLP is embed_dim * mlp_ratio wide
+    intermediate_size: int = 3420  # Qwen2.5-VL: its SwiGLU MLP's width
     hidden_size: int = 3584  # width of the language model the merger projects into
     patch_size: int = 14
     temporal_patch_size: int = 2
     spatial_merge_size: int = 2
     in_channels: int = 3
     rope_theta: float = 10000.0
+    # Qwen2.5-VL only: attention within windows of window_size pixels, except in the full-attention blocks; a video
+    # token's temporal M-RoPE position advances tokens_per_second per second of video.
+    window_size: int = 112
+    full_attention_blocks: tuple[int, ...] = (7, 15, 23, 31)
+    tokens_per_second: float = 2.0
+
+    def __post_init__(self):
+        if self.model_type not in ("qwen2_vl", "qwen2_5_vl"):
+            raise ValueError(f"model_type must be 'qwen2_vl' or 'qwen2_5_vl', got {self.model_type!r}")
 
     @property
     def head_dim(self) -> int:
@@ -59,6 +70,17 @@ class VisionConfig:
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class PatchEmbed(nn.Module):
@@ -79,35 +101,58 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim)
         self.proj = nn.Linear(config.embed_dim, config.embed_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        frames, n, dim = x.shape  # attention stays inside each frame pair
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None):
+        frames, n, dim = x.shape  # attention stays inside each frame pair (and inside `mask`'s windows)
         q, k, v = self.qkv(x).view(frames, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q = (q.float() * cos + rotate_half(q.float()) * sin).to(v.dtype)
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(v.dtype)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(frames, n, dim))
+
+
+class QuickGeluMLP(nn.Module):  # Qwen2-VL
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        hidden = int(config.embed_dim * config.mlp_ratio)
+        self.fc1, self.fc2 = nn.Linear(config.embed_dim, hidden), nn.Linear(hidden, config.embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(h * torch.sigmoid(1.702 * h))
+
+
+class SwiGLU(nn.Module):  # Qwen2.5-VL
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.embed_dim, config.intermediate_size)
+        self.up_proj = nn.Linear(config.embed_dim, config.intermediate_size)
+        self.down_proj = nn.Linear(config.intermediate_size, config.embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def norm(config: VisionConfig, dim: int) -> nn.Module:
+    return nn.LayerNorm(dim, eps=1e-6) if config.model_type == "qwen2_vl" else RMSNorm(dim, eps=1e-6)
 
 
 class VisionBlock(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
-        hidden = int(config.embed_dim * config.mlp_ratio)
-        self.norm1 = nn.LayerNorm(config.embed_dim, eps=1e-6)
-        self.norm2 = nn.LayerNorm(config.embed_dim, eps=1e-6)
+        self.norm1, self.norm2 = norm(config, config.embed_dim), norm(config, config.embed_dim)
         self.attn = VisionAttention(config)
-        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(config.embed_dim, hidden), fc2=nn.Linear(hidden, config.embed_dim)))
+        self.mlp = QuickGeluMLP(config) if config.model_type == "qwen2_vl" else SwiGLU(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin)
-        h = self.mlp.fc1(self.norm2(x))
-        return x + self.mlp.fc2(h * torch.sigmoid(1.702 * h))  # quick_gelu
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None):
+        x = x + self.attn(self.norm1(x), cos, sin, mask)
+        return x + self.mlp(self.norm2(x))
 
 
 class PatchMerger(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         width = config.embed_dim * config.spatial_merge_size**2
-        self.ln_q = nn.LayerNorm(config.embed_dim, eps=1e-6)
+        self.ln_q = norm(config, config.embed_dim)
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, config.hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,15 +171,34 @@ class VisionTransformer(nn.Module):
 
     def rope(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """2-D rotary angles for one frame's patches, in the processor's window-major row order."""
-        m = self.config.spatial_merge_size
         rows = torch.arange(h, device=device)[:, None].expand(h, w)
         cols = torch.arange(w, device=device)[None, :].expand(h, w)
-        window_major = lambda t: t.reshape(h // m, m, w // m, m).transpose(1, 2).flatten()
         dim = self.config.head_dim // 2  # half the head rotates with the row, half with the column
         inv_freq = 1.0 / self.config.rope_theta ** (torch.arange(0, dim, 2, device=device).float() / dim)
-        angles = torch.cat([window_major(rows)[:, None] * inv_freq, window_major(cols)[:, None] * inv_freq], dim=-1)
+        angles = torch.cat([self.merge_order(rows)[:, None] * inv_freq, self.merge_order(cols)[:, None] * inv_freq],
+                           dim=-1)
         angles = torch.cat([angles, angles], dim=-1)  # [h * w, head_dim]
         return angles.cos(), angles.sin()
+
+    def merge_order(self, grid: torch.Tensor) -> torch.Tensor:
+        """A per-patch [h, w] grid -> [h * w] in the processor's row order: 2x2 merge window by window."""
+        m, (h, w) = self.config.spatial_merge_size, grid.shape
+        return grid.reshape(h // m, m, w // m, m).transpose(1, 2).flatten()
+
+    def windows(self, h: int, w: int, device: torch.device) -> torch.Tensor | None:
+        """Qwen2.5-VL: bool [h * w, h * w], whether two patches of a frame share an attention window.
+
+        Windows tile the frame from its top-left corner, window_size pixels a side (the last row and column of
+        windows may be smaller). Attention is the same whatever the order of its tokens, so the patches stay in the
+        processor's order: transformers permutes them into window order and back, to the same effect.
+        """
+        if self.config.model_type == "qwen2_vl":
+            return None
+        side = self.config.window_size // self.config.patch_size  # patches
+        rows = torch.arange(h, device=device)[:, None].expand(h, w) // side
+        cols = torch.arange(w, device=device)[None, :].expand(h, w) // side
+        window = self.merge_order(rows * w + cols)
+        return window[:, None] == window[None, :]
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         n_patches = int(grid_thw.prod(-1).sum())
@@ -142,16 +206,18 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"grid_thw {grid_thw.tolist()} covers {n_patches} patches, "
                              f"pixel_values has {pixel_values.shape[0]}")
         dtype = self.patch_embed.proj.weight.dtype
+        full = set(self.config.full_attention_blocks)
         out, start = [], 0
         for t, h, w in grid_thw.tolist():
             cos, sin = self.rope(h, w, pixel_values.device)
+            windows = self.windows(h, w, pixel_values.device)
             # Frame pairs never attend to each other, so a long video runs a few pairs at a time.
             for t0 in range(0, t, FRAME_PAIRS_PER_CHUNK):
                 pairs = min(FRAME_PAIRS_PER_CHUNK, t - t0)
                 x = pixel_values[start : start + pairs * h * w].to(dtype)
                 x = self.patch_embed(x).view(pairs, h * w, -1)
-                for block in self.blocks:
-                    x = block(x, cos, sin)
+                for i, block in enumerate(self.blocks):
+                    x = block(x, cos, sin, None if i in full else windows)
                 out.append(self.merger(x))
                 start += pairs * h * w
         return torch.cat(out)
@@ -200,8 +266,9 @@ def sample_indices(total_frames: int, count: int) -> list[int]:
     return torch.linspace(0, total_frames - 1, count).round().long().tolist()
 
 
-def read_video(path: str, fps: float = FPS, max_frames: int = MAX_FRAMES) -> np.ndarray:
-    """Decode a video file with PyAV and keep the sampled frames: uint8 [n, height, width, 3]."""
+def read_video(path: str, fps: float = FPS, max_frames: int = MAX_FRAMES) -> tuple[np.ndarray, float]:
+    """Decode a video file with PyAV and keep the sampled frames: uint8 [n, height, width, 3], and the rate they were
+    sampled at (frames per second of video: `fps`, unless the frame cap or the video's length changed it)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no video file at {path}")
     check_sampling(fps, max_frames)
@@ -240,15 +307,16 @@ def read_video(path: str, fps: float = FPS, max_frames: int = MAX_FRAMES) -> np.
             if missing and last is None:
                 raise ValueError("no frame could be decoded")
             tail = last.to_ndarray(format="rgb24") if missing else None
-            return np.stack([picked.get(i, tail) for i in wanted])
+            return np.stack([picked.get(i, tail) for i in wanted]), count / seconds
     except av.error.InvalidDataError:
         raise ValueError(f"cannot decode video {path}: not a video file, or a corrupt one") from None
     except (av.error.FFmpegError, ValueError) as e:
         raise ValueError(f"cannot decode video {path}: {e}") from None
 
 
-def read_image_folder(path: str, max_frames: int = MAX_FRAMES) -> np.ndarray:
-    """A folder of images, in name order, as the frames of a video."""
+def read_image_folder(path: str, fps: float = FPS, max_frames: int = MAX_FRAMES) -> tuple[np.ndarray, float]:
+    """A folder of images, in name order, as the frames of a video sampled at `fps`; and that rate (lower if
+    max_frames thinned them)."""
     from PIL import Image
 
     names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_SUFFIXES))
@@ -256,19 +324,22 @@ def read_image_folder(path: str, max_frames: int = MAX_FRAMES) -> np.ndarray:
         raise ValueError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     if len(names) > max_frames:
         warnings.warn(f"{path}: {len(names)} images; taking {max_frames - max_frames % 2} (max_frames) evenly")
+        fps *= (max_frames - max_frames % 2) / len(names)
         names = [names[i] for i in sample_indices(len(names), max_frames - max_frames % 2)]
     frames = [np.asarray(Image.open(os.path.join(path, n)).convert("RGB")) for n in names]
     if len({f.shape for f in frames}) > 1:
         raise ValueError(f"images in {path} differ in size (height, width): {sorted({f.shape[:2] for f in frames})}")
-    return np.stack(frames)
+    return np.stack(frames), fps
 
 
-def load_frames(video, fps: float = FPS, max_frames: int = MAX_FRAMES) -> np.ndarray:
-    """A video file, a folder of images, a list of images/arrays, or an array [n, h, w, 3] -> uint8 frames."""
+def load_frames(video, fps: float = FPS, max_frames: int = MAX_FRAMES) -> tuple[np.ndarray, float]:
+    """A video file, a folder of images, a list of images/arrays, or an array [n, h, w, 3] -> uint8 frames and the
+    rate they were sampled at (Qwen2.5-VL's temporal positions follow it; frames given directly are taken to be
+    at `fps`)."""
     if isinstance(video, (str, os.PathLike)):
         path = os.fspath(video)
         if os.path.isdir(path):
-            return read_image_folder(path, max_frames)
+            return read_image_folder(path, fps, max_frames)
         return read_video(path, fps, max_frames)
     if isinstance(video, torch.Tensor):
         video = video.cpu().numpy()
@@ -277,7 +348,7 @@ def load_frames(video, fps: float = FPS, max_frames: int = MAX_FRAMES) -> np.nda
         raise ValueError(f"frames must be [n, height, width, 3], got shape {list(frames.shape)}")
     if frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 RGB, got {frames.dtype}")
-    return frames
+    return frames, fps
 
 
 def preprocess(
