@@ -45,10 +45,11 @@ QUESTIONS = (
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    def _get_help_string(self, action):  # "(default: ...)" only where there is one worth showing
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\nThe file")[0], formatter_class=HelpFormatter)
     p.add_argument("--video", nargs="+", help="video files or image folders (default: a clip of its own)")
     p.add_argument("--model", help="checkpoint directory or preset: " + ", ".join([*load.PRESETS, load.DEMO_PRESET])
@@ -80,6 +81,11 @@ def parse_args(argv=None):
                    "model's decoder matrices, for 1 and --batch rows (GPU)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--json", help="write every number measured here to this file")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
 
     for name in ("max_new_tokens", "k", "gamma", "batch"):
@@ -119,9 +125,12 @@ def parse_args(argv=None):
         p.error("--show-selection draws what a pruning draft keeps; draft 'layerskip' keeps every token")
     if args.show_selection and not args.show_selection.lower().endswith(".png"):
         p.error(f"--show-selection writes a PNG file, got {args.show_selection!r}")
-    for path in [*(args.video or ()), *(args.documents or ()), *(args.step_times or ()), *([args.resume] if args.resume else [])]:
+    for path in [*(args.video or ()), *(args.documents or ()), *(args.step_times or ()),
+                 *([args.resume] if args.resume else [])]:
         if not os.path.exists(path):
             p.error(f"no such file or folder: {path}")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        p.error(f"--json: no folder {Path(args.json).parent} to write into")
     if args.draft is None and not args.documents:
         args.draft = "topk"
     return args
@@ -198,11 +207,12 @@ def run_video(args, model, processor, device, videos, clips, prompts):
             report["runs"].append(entry)
     if args.transformers:
         report["transformers"] = transformers_times(args, model, batch[0], device)
-    # Compilation happens only while the CUDA graphs are captured (decoding replays them): these count it all.
-    from torch._dynamo.utils import counters  # imported here: importing dynamo takes seconds
+    if device.type == "cuda":  # nothing compiles on the CPU
+        # Compilation happens only while the CUDA graphs are captured (decoding replays them): these count it all.
+        from torch._dynamo.utils import counters  # imported here: importing dynamo takes seconds
 
-    report["compiled_graphs"] = counters["stats"]["unique_graphs"]
-    report["graph_breaks"] = sum(counters["graph_break"].values())
+        report["compiled_graphs"] = counters["stats"]["unique_graphs"]
+        report["graph_breaks"] = sum(counters["graph_break"].values())
     print_video_report(report, args)
     if args.show_selection:
         frames, _, grid, _, _ = clips[videos[0]]
@@ -374,8 +384,9 @@ def print_video_report(report, args):
         tokens_d, tokens_s = sum(r["dense_tokens"] - 1 for r in first), sum(r["std_tokens"] - 1 for r in first)
         print(f"batch of {args.batch}: dense {tokens_d / first[0]['dense_decode_s']:.1f} tokens/s, "
               f"StD {tokens_s / first[0]['std_decode_s']:.1f} tokens/s (decode only, all sequences)")
-    print(f"torch.compile: {report['compiled_graphs']} graphs compiled (at capture), "
-          f"{report['graph_breaks']} graph breaks")
+    if "compiled_graphs" in report:
+        print(f"torch.compile: {report['compiled_graphs']} graphs compiled (at capture), "
+              f"{report['graph_breaks']} graph breaks")
     hf = report.get("transformers")
     if hf:
         print(f"transformers generate: {hf['ms_per_token']:.2f} ms/token decode ({hf['attn']}), "
@@ -528,10 +539,8 @@ def steps_mode(args, model, device, contexts):
     gammas = sorted({2, 4, 6, 8, args.gamma})
     report = dict(device=describe(device), model=args.model, read_bandwidth=bandwidth, weight_bytes=weights,
                   kv_bytes_per_token=per_token, batch=B, k=args.k, draft_text_tokens=text, rows=[])
-    print("quantizing the int8 and int4 drafters ...", file=sys.stderr)
-    quantized = {bits: quant.quantized_copy(model, bits) for bits in (8, 4)}
     for context in contexts:
-        print(f"context {context}: capturing and timing the steps ...", file=sys.stderr)
+        print(f"context {context}: {'capturing and ' if compiled else ''}timing the steps ...", file=sys.stderr)
         room = std.cache_room(0, max(gammas))
         dense = model.new_cache(B, context + room)
         topk_cache = model.new_cache(B, args.k + text + room)
@@ -555,22 +564,27 @@ def steps_mode(args, model, device, contexts):
             verify = std.make_steps(model, dense, topk, s, gamma, compiled)["verify"]
             row["verify_ms"][gamma] = timed(verify, (dense, context), (topk_cache, args.k + text))
         half = model.config.n_layers // 2
-        drafters = {"topk": (topk, weights),
-                    "topk-int8": (std.Drafter(quantized[8], topk_cache), weight_bytes(quantized[8])),
-                    "topk-int4": (std.Drafter(quantized[4], topk_cache), weight_bytes(quantized[4])),
-                    "layerskip": (std.Drafter(model, dense.first_layers(half), n_layers=half, mirror=False),
-                                  (weights + per_token * context * B) * half / model.config.n_layers)}
-        for kind, (drafter, floor_bytes) in drafters.items():
+        for kind in ("topk", "topk-int8", "topk-int4", "layerskip"):
+            if kind == "layerskip":
+                drafter = std.Drafter(model, dense.first_layers(half), n_layers=half, mirror=False)
+                floor_bytes, extra = (weights + per_token * context * B) * half / model.config.n_layers, 0
+            else:  # one quantized copy at a time: a large model has no room for both beside its caches
+                drafter = topk if kind == "topk" else std.Drafter(
+                    quant.quantized_copy(model, std.QUANTIZED_BITS[kind]), topk_cache)
+                floor_bytes = weight_bytes(drafter.model)
+                extra = sum(b.nbytes for b in drafter.model.buffers()) if drafter is not topk else 0
             s = std.DecodeState([0] * B, [context] * B, args.gamma, device)
             step = std.make_steps(model, dense, drafter, s, args.gamma, compiled)["draft"]
             length = context if kind == "layerskip" else args.k + text
             draft_ms = timed(step, (drafter.cache, length), (dense, context)) / args.gamma
-            extra = weight_bytes(drafter.model) - weight_bytes(model) + weights if kind.startswith("topk-int") else 0
             row["drafts"][kind] = dict(draft_ms=draft_ms, floor_ms=1e3 * floor_bytes / bandwidth, extra_bytes=extra,
                                        projected={str(a): {g: projected_speedup(a, g, dense_ms, draft_ms, v)
                                                            for g, v in row["verify_ms"].items()} for a in ACCEPTANCES})
+            del drafter, step
+            if compiled:
+                torch.cuda.empty_cache()
         report["rows"].append(row)
-        del dense, topk_cache, drafters, topk, state
+        del dense, topk_cache, topk, state
         if compiled:
             torch.cuda.empty_cache()
     print_steps_report(report, args)
@@ -674,8 +688,6 @@ def documents_mode(args, model, processor, device):
     attention of the dense answer's own tokens (known only afterwards): an upper bound for re-selecting the kept
     set from the newest tokens during decoding.
     """
-    if processor is None:
-        sys.exit("bench.py: --documents needs a checkpoint with tokenizer.json")
     # K sweep at gamma 4, gamma sweep at K 1024, every draft kind at (1024, 4), the paper's Table 1 setting (9)
     configs = ([("topk", k, 4) for k in (256, 512, 1024, 2048)] + [("topk", 1024, g) for g in (2, 6, 9)]
                + [(kind, 1024, 4) for kind in ("topk-int8", "topk-int4", "oracle")]
@@ -686,7 +698,7 @@ def documents_mode(args, model, processor, device):
         configs = [(kind, args.k, args.gamma) for kind in ("topk", "oracle", "reselect")]
     room = std.cache_room(args.max_new_tokens, max(gamma for _, _, gamma in configs))
     # Each (batch, context) row of the --steps files becomes a projection column.
-    step_files = [read_json(path) for path in args.step_times or ()]
+    step_files = [load.read_json(Path(path)) for path in args.step_times or ()]
     step_rows = [(f"{s['batch']}x{row['context']}", row) for s in step_files for row in s["rows"]]
     step_models = {s["model"] for s in step_files}
     totals = {c: dict(accepted=0, drafted=0, tokens=0, rounds=0, prompts=0, prefills=0, matches=0, keeps_all=0)
@@ -694,20 +706,22 @@ def documents_mode(args, model, processor, device):
     prompts = document_prompts(args.documents, processor)
     if not prompts:
         sys.exit("bench.py: no document holds any text")
-    done = 0
+    done, setting = 0, dict(model=args.model, dtype=str(model.dtype), max_new_tokens=args.max_new_tokens)
     if args.resume:
-        earlier = read_json(args.resume)
+        earlier = load.read_json(Path(args.resume))
         saved = {(c["draft"], c["k"], c["gamma"]): c for c in earlier.get("totals", ())}
-        if set(saved) != set(configs) or earlier.get("documents") != args.documents[: len(earlier["documents"])]:
-            sys.exit(f"bench.py: {args.resume} is not a report of this study on the first of these documents")
+        if (set(saved) != set(configs) or earlier.get("setting") != setting
+                or earlier.get("documents") != args.documents[: len(earlier.get("documents", ()))]):
+            sys.exit(f"bench.py: {args.resume} is not a report of this study (the same model, dtype, "
+                     "--max-new-tokens and configurations) on the first of these documents")
         done = earlier["prompts_done"]
         totals = {c: {name: saved[c][name] for name in totals[c]} for c in configs}
         print(f"resuming after {done} of {len(prompts)} prompts", file=sys.stderr)
-    start = time.perf_counter()
+    start, quantized = time.perf_counter(), {}  # the quantized drafters, made once for all prompts
     for n, (path, question, inputs, prunable) in enumerate(prompts[done:], done + 1):
         print(f"[{n}/{len(prompts)}, {time.perf_counter() - start:.0f}s] {os.path.basename(path)} "
               f"({len(inputs.input_ids)} tokens): {question}", file=sys.stderr)
-        prefilled = std.prefill(model, inputs, room, prunable)
+        prefilled = std.prefill(model, inputs, room, prunable, quantized=quantized)
         dense = std.decode(prefilled, args.max_new_tokens)[0].tokens
         oracle = answer_attention(model, prefilled, inputs, dense) if any(c[0] == "oracle" for c in configs) else None
         for c in configs:
@@ -730,10 +744,11 @@ def documents_mode(args, model, processor, device):
             t["matches"] += r.tokens == dense
             t["keeps_all"] += k is not None and k >= int(prunable.sum())
         if args.json:  # an interrupted study keeps what it measured (--resume goes on from it)
-            report = dict(partial=n < len(prompts), **progress(args.documents, n, totals))
+            report = dict(partial=n < len(prompts), setting=setting, **progress(args.documents, n, totals))
             Path(args.json).write_text(json.dumps(report, indent=1))
     report = dict(device=describe(device), model=args.model, prompts=len(prompts), max_new_tokens=args.max_new_tokens,
-                  questions=QUESTIONS, step_times=args.step_times, **progress(args.documents, len(prompts), totals))
+                  questions=QUESTIONS, step_times=args.step_times, setting=setting,
+                  **progress(args.documents, len(prompts), totals))
     print(f"\n{len(prompts)} prompts, at most {args.max_new_tokens} new tokens; acceptance and tokens per round are "
           "ratios of sums over the prompts")
     report["configs"] = documents_table(totals, step_rows, step_models)
@@ -840,11 +855,6 @@ def answer_attention(model, prefilled, inputs, answer):
     return dataclasses.replace(prefilled, queries=[queries], query_rows=[rows])
 
 
-def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
-
-
 # ---------------------------------------------------------------------------------------------- research: kernels
 
 
@@ -856,8 +866,6 @@ def kernels_mode(args, model, device):
     import quant
     from kernels import small_linear
 
-    if device.type != "cuda" or model.dtype != torch.bfloat16:
-        sys.exit("bench.py: --kernels times GPU kernels on bfloat16 activations: it needs a GPU and no --dtype")
     linears = [m for layer in model.layers for m in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up,
                                                      layer.mlp.down_proj)]
     int8, int4 = [quant.Int8Linear(m) for m in linears], [quant.Int4Linear(m) for m in linears]
@@ -911,6 +919,13 @@ def main(argv=None):
         except ImportError:
             sys.exit("bench.py: --transformers needs transformers (pip install transformers)")
     config = load.read_config(args.model)  # a bad checkpoint fails here, before any weight is read
+    if args.kernels and (device.type != "cuda" or dtype != torch.bfloat16):
+        sys.exit("bench.py: --kernels times GPU kernels on bfloat16 activations: it needs a GPU and no --dtype")
+    if args.documents and not (args.model not in load.PRESETS
+                               and (load.checkpoint_dir(args.model) / "tokenizer.json").exists()):
+        sys.exit(f"bench.py: --documents needs a checkpoint with tokenizer.json; {args.model} has none")
+    for path in (*(args.step_times or ()), *([args.resume] if args.resume else ())):
+        load.read_json(Path(path))  # a damaged file fails now, not after the model loads
     if args.steps or args.kernels or args.documents:
         model, processor = load_model(args, device, dtype)
         if args.kernels:

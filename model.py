@@ -65,7 +65,7 @@ class LayerCache(NamedTuple):
 class KVCache:
     """Static keys/values of every layer, written at explicit slots, with each sequence's filled length.
 
-    A decode forward writes its T tokens at slots lengths[b] .. lengths[b] + T - 1 and leaves `lengths` alone:
+    A step writes its T tokens at slots lengths[b] .. lengths[b] + T - 1 and leaves `lengths` alone:
     the caller keeps what it accepts by raising `lengths`, and rolls back by not raising it. Nothing is copied.
     Keys are stored after rotation, so a slot keeps its token's position wherever the slot is.
     """
@@ -201,7 +201,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, cache: LayerCache, mirror: LayerCache | None = None) -> torch.Tensor:
-        """Decode: x [B, T, dim] are new tokens appended to `cache` (and also written to `mirror`, if given)."""
+        """A step: x [B, T, dim] are new tokens appended to `cache` (and also written to `mirror`, if given)."""
         x = x + self.attn(self.input_norm(x), cos, sin, cache, mirror)
         return x + self.mlp(self.post_attention_norm(x))
 

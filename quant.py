@@ -17,9 +17,9 @@ from kernels import small_linear, small_rows
 class Int8Linear(nn.Module):
     """Weight-only int8, one scale per output row.
 
-    A decode step's few rows go through kernels.small_linear: at the 7B shape on an H100 it reads int8 weights at
-    2.1-2.2 TB/s for 1 or 4 rows, where PyTorch's `_weight_int8pack_mm` manages 0.07-0.11 TB/s and gpt-fast's
-    compiled `F.linear(x, w.to(x.dtype)) * scale` drops to 0.5 TB/s at four rows (`bench.py --kernels`).
+    A decode step's few rows go through kernels.small_linear, which streams int8 weights several times faster than
+    PyTorch's `_weight_int8pack_mm`, and than gpt-fast's compiled dequantize-and-multiply beyond one row
+    (`bench.py --kernels`; BENCHMARKS.md section 5).
     """
 
     def __init__(self, linear: nn.Linear):

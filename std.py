@@ -50,6 +50,7 @@ import torch
 
 DRAFTS = ("topk", "topk-int8", "topk-int4", "streaming", "layerskip")
 SCORED = ("topk", "topk-int8", "topk-int4")  # the drafts that choose their positions by attention
+QUANTIZED_BITS = {"topk-int8": 8, "topk-int4": 4}
 STREAMING_SINKS = 4  # StreamingLLM keeps the first 4 tokens: they soak up attention whatever they hold
 
 
@@ -123,14 +124,16 @@ class Prefill:
     query_rows: list | None  # per prompt: the prompt positions those queries sit at
     vision_s: float
     prefill_s: float
-    quantized: dict = field(default_factory=dict)  # bits -> quantized copy of the model, made for the first decode
-    # that needs it and kept for the others
+    quantized: dict = field(default_factory=dict)  # bits -> quantized copy of the model (see prefill)
 
 
-def prefill(model, inputs, room: int, prunable=None, score: bool = True) -> Prefill:
+def prefill(model, inputs, room: int, prunable=None, score: bool = True, quantized: dict | None = None) -> Prefill:
     """Prefill every prompt into one dense cache with `room` free slots past the longest.
 
     With `score`, keep what top-k selection needs (it then requires text after the prunable positions).
+    quantized: bits -> quantized copy of the model, for the int8/int4 drafts. A decode that needs a copy makes it
+    and adds it here, so pass the same dict to every prefill to quantize once (quantizing a 7B model takes seconds
+    and gigabytes); by default each prefill starts with none.
     """
     batch = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
     if not batch:
@@ -160,7 +163,8 @@ def prefill(model, inputs, room: int, prunable=None, score: bool = True) -> Pref
         clock.add("prefill", t1, clock.mark())
         times = clock.totals()
     return Prefill(model, dense, lengths, masks, first, next_pos, queries if score else None,
-                   query_rows if score else None, times["vision"], times["prefill"])
+                   query_rows if score else None, times["vision"], times["prefill"],
+                   {} if quantized is None else quantized)
 
 
 def decode(p: Prefill, max_new_tokens: int, k: int | None = None, gamma: int = 6, draft: str | None = None,
@@ -192,6 +196,10 @@ def decode_rounds(p: Prefill, max_new_tokens, k, gamma, draft, exit_layer, compi
     dense.lengths.copy_(torch.tensor(p.lengths))  # start from the prompts, whatever an earlier decode wrote
     clock = Clock(device)
     drafter = None
+    if draft in QUANTIZED_BITS and QUANTIZED_BITS[draft] not in p.quantized:
+        import quant  # only quantized drafts need it
+
+        p.quantized[QUANTIZED_BITS[draft]] = quant.quantized_copy(model, QUANTIZED_BITS[draft])
     if draft is not None:
         t0 = clock.mark()
         drafter = build_drafter(p, draft, k, exit_layer, cache_room(max_new_tokens, gamma))
@@ -273,14 +281,7 @@ def build_drafter(p: Prefill, draft: str, k, exit_layer, room) -> Drafter:
     for row, (kept_row, mask) in enumerate(zip(kept, p.prunable)):
         fill_draft_row(cache, p.dense, row, kept_row, (~mask).nonzero().flatten())
     cache.lengths.copy_(torch.tensor(sizes))
-    if draft in ("topk-int8", "topk-int4"):
-        bits = 8 if draft == "topk-int8" else 4
-        if bits not in p.quantized:
-            import quant  # only quantized drafts need it
-
-            p.quantized[bits] = quant.quantized_copy(model, bits)
-        model = p.quantized[bits]
-    return Drafter(model, cache)
+    return Drafter(p.quantized[QUANTIZED_BITS[draft]] if draft in QUANTIZED_BITS else model, cache)
 
 
 def kept_positions(p: Prefill, row: int, draft: str, k: int) -> list[torch.Tensor]:
