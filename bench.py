@@ -921,8 +921,8 @@ def main(argv=None):
     config = load.read_config(args.model)  # a bad checkpoint fails here, before any weight is read
     if args.kernels and (device.type != "cuda" or dtype != torch.bfloat16):
         sys.exit("bench.py: --kernels times GPU kernels on bfloat16 activations: it needs a GPU and no --dtype")
-    if args.documents and not (args.model not in load.PRESETS
-                               and (load.checkpoint_dir(args.model) / "tokenizer.json").exists()):
+    if args.documents and (args.model in load.PRESETS
+                           or not (load.checkpoint_dir(args.model) / "tokenizer.json").exists()):
         sys.exit(f"bench.py: --documents needs a checkpoint with tokenizer.json; {args.model} has none")
     for path in (*(args.step_times or ()), *([args.resume] if args.resume else ())):
         load.read_json(Path(path))  # a damaged file fails now, not after the model loads

@@ -26,7 +26,7 @@ steps (dense, draft, verify); then the plumbing (CUDA graphs, timing, argument c
 
 What it needs from a model (model.Qwen2VL has all of it; another model with the same can be plugged in):
     model.config                .n_layers, .n_kv_heads, .stop_token_ids
-    model.device, model.dtype
+    model.device
     model.embed(inputs)         -> embeddings [L, dim], positions [3, L] (M-RoPE's t, h, w axes)
     model.visual_mask(ids [L])  -> bool [L]: the positions pruned unless `prunable=` says otherwise
     model.new_cache(B, S)       -> a cache: .k, .v (per layer [B, Hkv, S, D]), .lengths [B], .capacity,
