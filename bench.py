@@ -547,22 +547,32 @@ def steps_mode(args, model, device, contexts):
         for t in dense.k + dense.v + topk_cache.k + topk_cache.v:
             t.normal_()
 
-        def timed(fn, *caches_and_lengths):
+        def reset_to(*caches_and_lengths):
             def reset():  # every replay starts from the same lengths
                 for cache, length in caches_and_lengths:
                     cache.lengths.fill_(length)
-            return median_ms(fn, reps, before=reset)
+            return reset
+
+        def timed(fn, *caches_and_lengths):
+            return median_ms(fn, reps, before=reset_to(*caches_and_lengths))
 
         state = std.DecodeState([0] * B, [context] * B, max(gammas), device)
-        dense_ms = timed(std.make_steps(model, dense, None, state, 1, compiled)["dense"], (dense, context))
+        dense_step = std.make_steps(model, dense, None, state, 1, compiled)["dense"]
+        dense_ms = timed(dense_step, (dense, context))
         floor_ms = 1e3 * (weights + per_token * context * B) / bandwidth
         row = dict(context=context, dense_ms=dense_ms, dense_floor_ms=floor_ms, fraction_of_floor=floor_ms / dense_ms,
-                   dense_cache_bytes=dense.nbytes(), draft_cache_bytes=topk_cache.nbytes(), verify_ms={}, drafts={})
+                   dense_cache_bytes=dense.nbytes(), draft_cache_bytes=topk_cache.nbytes(), verify_ms={}, drafts={},
+                   profiles={})
+        if compiled:
+            row["profiles"]["dense"] = kernel_profile(dense_step, 1, dense_ms, reset_to((dense, context)))
         topk = std.Drafter(model, topk_cache)
         for gamma in gammas:
             s = std.DecodeState([0] * B, [context] * B, gamma, device)
             verify = std.make_steps(model, dense, topk, s, gamma, compiled)["verify"]
             row["verify_ms"][gamma] = timed(verify, (dense, context), (topk_cache, args.k + text))
+            if compiled and gamma == args.gamma:
+                row["profiles"]["verify"] = kernel_profile(verify, 1, row["verify_ms"][gamma], reset_to(
+                    (dense, context), (topk_cache, args.k + text)))
         half = model.config.n_layers // 2
         for kind in ("topk", "topk-int8", "topk-int4", "layerskip"):
             if kind == "layerskip":
@@ -577,6 +587,9 @@ def steps_mode(args, model, device, contexts):
             step = std.make_steps(model, dense, drafter, s, args.gamma, compiled)["draft"]
             length = context if kind == "layerskip" else args.k + text
             draft_ms = timed(step, (drafter.cache, length), (dense, context)) / args.gamma
+            if compiled:
+                row["profiles"][kind] = kernel_profile(step, args.gamma, draft_ms,
+                                                       reset_to((drafter.cache, length), (dense, context)))
             row["drafts"][kind] = dict(draft_ms=draft_ms, floor_ms=1e3 * floor_bytes / bandwidth, extra_bytes=extra,
                                        projected={str(a): {g: projected_speedup(a, g, dense_ms, draft_ms, v)
                                                            for g, v in row["verify_ms"].items()} for a in ACCEPTANCES})
@@ -610,9 +623,43 @@ def print_steps_report(report, args):
                   + " ".join(f"{d['projected'][str(a)][g]:>5.2f}x" for a in ACCEPTANCES))
     print("floors: bytes a step must read / read bandwidth. dense: weights + cache; top-k drafts: their weights "
           "(the small cache aside); layerskip: half the weights and half the cache")
+    for row in report["rows"]:
+        for step, p in row["profiles"].items():
+            print(f"{row['context']:>8} {step:>10}: {p['kernels']:>4} kernels a step, matrix-vector products "
+                  f"{p['matvec_ms']:.2f} ms, other kernels {p['other_ms']:.2f} ms, between kernels {p['gaps_ms']:.2f} "
+                  f"ms: {1 - p['matvec_ms'] / p['step_ms']:.0%} of the step outside the products")
 
 
 # ---------------------------------------------------------------------------------------------- measurements
+
+
+MATVEC_KERNELS = ("_linear_kernel", "_qkv_rotary_kernel")  # kernels.py's matrix-vector products
+
+
+def kernel_profile(step, steps_per_call: int, step_ms: float, before) -> dict:
+    """The GPU kernels of one replay of `step` (a CUDA graph of `steps_per_call` decode steps), per decode step:
+    how many, the time in matrix-vector products, in other kernels and between kernels; and each kernel's count and
+    time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    before()
+    step()
+    torch.cuda.synchronize()
+    before()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    by_name = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            count, us = by_name.get(event.name, (0, 0.0))
+            by_name[event.name] = (count + 1, us + event.time_range.elapsed_us())
+    per_step = {name: dict(count=count / steps_per_call, ms=us / 1e3 / steps_per_call)
+                for name, (count, us) in sorted(by_name.items(), key=lambda item: -item[1][1])}
+    matvec = sum(k["ms"] for name, k in per_step.items() if name.startswith(MATVEC_KERNELS))
+    busy = sum(k["ms"] for k in per_step.values())
+    return dict(kernels=round(sum(k["count"] for k in per_step.values())), step_ms=step_ms, matvec_ms=matvec,
+                other_ms=busy - matvec, gaps_ms=max(0.0, step_ms - busy), by_kernel=per_step)
 
 
 def read_bandwidth(device) -> float:
@@ -860,32 +907,35 @@ def answer_attention(model, prefilled, inputs, answer):
 
 def kernels_mode(args, model, device):
     """The matrix-vector products of a draft step, by kernel: every layer's qkv, o, gate_up and down in turn, as one
-    CUDA graph. Shows why int8 drafts run our Triton kernel and int4 drafts PyTorch's own (tinygemm)."""
+    CUDA graph. Ours (kernels.linear) against cuBLAS, PyTorch's int8 and int4 (tinygemm) kernels and gpt-fast's int8."""
     import torch._inductor.config
 
+    import kernels
     import quant
-    from kernels import small_linear
 
     linears = [m for layer in model.layers for m in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up,
                                                      layer.mlp.down_proj)]
     int8, int4 = [quant.Int8Linear(m) for m in linears], [quant.Int4Linear(m) for m in linears]
     scales = [q.scale.to(torch.bfloat16) for q in int8]  # PyTorch's and gpt-fast's int8 take them in x's dtype
+    tinygemm = [tinygemm_int4(q) for q in int4]
     gpt_fast_int8 = torch.compile(lambda x, w, scale: F.linear(x, w.to(x.dtype)) * scale, dynamic=False)
     bf16_bytes = sum(m.weight.nbytes for m in linears)
     int8_bytes = sum(q.weight.nbytes + q.scale.nbytes for q in int8)
-    int4_bytes = sum(q.packed.nbytes + q.scale_and_zero.nbytes for q in int4)
-    kernels = {
+    int4_bytes = sum(q.packed.nbytes + q.scale.nbytes + q.zero.nbytes for q in int4)
+    ours = lambda modules: (lambda x: [kernels.linear(x[m.in_features], kernels.weights_of(w))
+                                       for m, w in zip(linears, modules)])
+    runs = {
         "bf16, cuBLAS (F.linear)": (lambda x: [F.linear(x[m.in_features], m.weight) for m in linears], bf16_bytes),
-        "bf16, ours (Triton small_linear)": (lambda x: [small_linear(x[m.in_features], m.weight) for m in linears],
-                                             bf16_bytes),
-        "int8, ours (Triton small_linear)": (lambda x: [small_linear(x[m.in_features], q.weight, None, q.scale)
-                                                        for m, q in zip(linears, int8)], int8_bytes),
+        "bf16, ours (kernels.linear)": (ours(linears), bf16_bytes),
+        "int8, ours (kernels.linear)": (ours(int8), int8_bytes),
         "int8, PyTorch _weight_int8pack_mm": (lambda x: [torch.ops.aten._weight_int8pack_mm(
             x[m.in_features], q.weight, scale) for m, q, scale in zip(linears, int8, scales)], int8_bytes),
         "int8, gpt-fast (compiled dequantize + F.linear)": (lambda x: [gpt_fast_int8(
             x[m.in_features], q.weight, scale) for m, q, scale in zip(linears, int8, scales)], int8_bytes),
+        "int4, ours (kernels.linear)": (ours(int4), int4_bytes),
         "int4, PyTorch _weight_int4pack_mm (tinygemm)": (lambda x: [torch.ops.aten._weight_int4pack_mm(
-            x[m.in_features], q.packed, q.group, q.scale_and_zero) for m, q in zip(linears, int4)], int4_bytes),
+            x[m.in_features], packed, q.group, scale_and_zero) for m, q, (packed, scale_and_zero)
+            in zip(linears, int4, tinygemm)], int4_bytes),
     }
     report = dict(device=describe(device), model=args.model, matrices=len(linears), rows={})
     print(f"{describe(device)}, {args.model}: {len(linears)} decoder matrices in turn, one CUDA graph")
@@ -894,12 +944,21 @@ def kernels_mode(args, model, device):
         for rows in sorted({1, args.batch}):
             x = {n: torch.randn(rows, n, device=device, dtype=torch.bfloat16) for n in {m.in_features for m in linears}}
             report["rows"][rows] = {}
-            for name, (run_all, nbytes) in kernels.items():
+            for name, (run_all, nbytes) in runs.items():
                 ms = median_ms(std.cuda_graph(lambda: run_all(x), [], None), reps=10)
                 report["rows"][rows][name] = dict(ms=ms, bytes=nbytes, tb_per_s=nbytes / ms / 1e9)
                 print(f"{rows:>2} rows  {name:<48} {ms:>8.3f} ms  {nbytes / 1e9:>6.2f} GB  "
                       f"{nbytes / ms / 1e9:>5.2f} TB/s", flush=True)
     return report
+
+
+def tinygemm_int4(q):
+    """The same int4 weights in the layout of PyTorch's int4 kernel: two columns a byte, the even one high."""
+    values = q.quantized_values()
+    pairs = (values[:, ::2] << 4 | values[:, 1::2]).contiguous()
+    K = values.shape[1]
+    packed = torch.ops.aten._convert_weight_to_int4pack(pairs, next(t for t in (8, 4, 2) if K % (16 * t) == 0))
+    return packed, torch.stack([q.scale, q.zero], dim=-1).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -1,13 +1,23 @@
-"""Triton kernels for the decode steps: a few new tokens against weights and a long KV cache, at memory bandwidth.
+"""Triton kernels for the decode steps: a few new tokens against the weights and a long KV cache, at bandwidth.
 
-    decode_attention(q, k, v, lengths, n_splits)  split-KV ("flash decoding") attention of T new tokens per sequence
-    small_linear(x, weight, bias, scale)          x @ weight^T for a few rows, bf16/float32 or int8 weights
+A decoder layer's step on a GPU is eight launches:
+    q = qkv_rotary(rms_norm(x), ...)     the q/k/v product, rotary embedding; new keys/values into the cache
+    a = decode_attention(q, cache)       split-KV attention over fixed pieces of the cache, then one merge launch
+    x = linear(a, o_proj, residual=x)    the output projection plus the residual
+    h = gated_linear(rms_norm(x), ...)   gate and up, SiLU(gate) * up
+    x = linear(h, down, residual=x)      the down projection plus the residual
+and the head is `linear(rms_norm(x), lm_head)`. Weights come as bfloat16/float32, int8 or int4 (`Weights`).
 
-decode_attention reads each sequence's filled length from the device, so one launch serves every step of a CUDA
-graph as the cache grows.
-Importing this file needs no Triton; calling a kernel does (it ships with CUDA builds of PyTorch).
+Batch invariance: a row's arithmetic never depends on the other rows of the call. Rows go through in tiles of
+ROW_TILE whatever their number, every reduction runs in a fixed order over blocks that depend only on the shapes of
+the weights, and attention cuts the cache at fixed absolute slots (every SPLIT slots, whatever the length). So a
+verify pass over gamma + 1 tokens computes each token's logits and keys/values bit for bit as one-token dense steps
+would, and speculative decoding in bfloat16 emits exactly the tokens of bfloat16 dense decoding.
+
+Importing this file needs no Triton; calling a kernel does (it ships with CUDA builds of PyTorch, and runs on the CPU
+under TRITON_INTERPRET=1, which the tests use).
 """
-import math
+from typing import NamedTuple
 
 import torch
 
@@ -17,35 +27,302 @@ try:
 except ImportError:  # CPU-only installs: decoding on the CPU needs no Triton, decoding on a GPU does
     triton = None
 
+ROW_TILE = 16  # rows per program: the smallest tensor-core tile, and the same for every call (batch invariance)
+SPLIT = 1024  # cache slots per attention program, at fixed absolute positions (batch invariance)
+ATTENTION_ROWS = 64  # (token, query head) rows per attention program: a verify pass of 7B's 7-head groups is one tile
+ATTENTION_LAUNCH = dict(BLOCK_N=64, num_warps=4, num_stages=3)  # keys a loop step; tuned on an H200
+MERGE_BLOCK = 64  # attention splits the merge combines at once
+
+
+class Weights(NamedTuple):
+    """A linear layer's weight as the kernels read it: y = x @ w^T (+ bias).
+
+    bits 16: `data` [N, K] in the activations' dtype.  bits 8: int8 [N, K], w = data * scale[n].
+    bits 4: uint8 [N, K / 2], per group of `group` input columns: byte i of a group holds the 4-bit values of column
+    i (low nibble) and column i + group / 2 (high nibble); w = (q - 8) * scale + zero, scale and zero [K / group, N].
+    """
+    data: torch.Tensor
+    bias: torch.Tensor | None = None
+    bits: int = 16
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+    group: int = 0
+
+
+def weights_of(linear) -> Weights:
+    """The kernels' view of a linear layer: an nn.Linear, or a module with its own `decode_weights()` (quant.py)."""
+    own = getattr(linear, "decode_weights", None)
+    return own() if own is not None else Weights(linear.weight, linear.bias)
+
+
+def needs_triton(x: torch.Tensor) -> None:
+    if triton is None:
+        raise ImportError("decoding on a GPU needs Triton (it ships with CUDA builds of PyTorch)")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"the decode kernels take bfloat16, float16 or float32 activations, got {x.dtype}")
+
+
+# ---------------------------------------------------------------------------------------------- matrix-vector
+
+
+if triton is not None:
+    TILE = tl.constexpr(ROW_TILE)
+
+    @triton.jit
+    def _rms_norm_kernel(X, sxm, Weight, Y, sym, eps, K: tl.constexpr, BLOCK: tl.constexpr):
+        # One program a row, the whole row at once: RMSNorm as model.RMSNorm rounds it (normalised in float32,
+        # rounded, then scaled by the weight).
+        row = tl.program_id(0)
+        k = tl.arange(0, BLOCK)
+        x = tl.load(X + row * sxm + k, mask=k < K, other=0.0).to(tl.float32)
+        normed = (x * tl.rsqrt(tl.sum(x * x, 0) / K + eps)).to(Y.dtype.element_ty)
+        tl.store(Y + row * sym + k, normed * tl.load(Weight + k, mask=k < K, other=0.0), mask=k < K)
+
+    @triton.jit
+    def _product(X, sxm, rows, row_ok, W, swn, Scale, Zero, cols, col_ok, N, K: tl.constexpr, BITS: tl.constexpr,
+                 GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+        """float32 [TILE, BLOCK_N]: x[rows] times the weight rows `cols`, summed over K in order, BLOCK_K at a time.
+
+        x goes into the tensor-core product exactly as loaded: an operand changed in registers costs a trip through
+        shared memory every step (measured: twice the time of the whole product)."""
+        acc = tl.zeros([TILE, BLOCK_N], tl.float32)
+        if BITS == 4:
+            # One group a step, dequantized in registers as the product's first operand, which the tensor cores
+            # take from registers: acc^T [BLOCK_N, TILE] = w [BLOCK_N, GROUP / 2] @ x^T, for each nibble half.
+            HALF: tl.constexpr = GROUP // 2
+            j = tl.arange(0, HALF)
+            acc_t = tl.zeros([BLOCK_N, TILE], tl.float32)
+            for g in range(0, K // GROUP):
+                packed = tl.load(W + cols[:, None] * swn + (g * HALF + j)[None, :], mask=col_ok[:, None], other=0)
+                scale = tl.load(Scale + g * N + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+                offset = tl.load(Zero + g * N + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None] - 8.0 * scale
+                low_t = tl.load(X + rows[None, :] * sxm + (g * GROUP + j)[:, None], mask=row_ok[None, :], other=0.0)
+                high_t = tl.load(X + rows[None, :] * sxm + (g * GROUP + HALF + j)[:, None], mask=row_ok[None, :],
+                                 other=0.0)
+                w_low = ((packed & 0xF).to(tl.float32) * scale + offset).to(low_t.dtype)
+                w_high = ((packed >> 4).to(tl.float32) * scale + offset).to(low_t.dtype)
+                acc_t = tl.dot(w_low, low_t, acc_t, input_precision=PRECISION)
+                acc_t = tl.dot(w_high, high_t, acc_t, input_precision=PRECISION)
+            acc = tl.trans(acc_t)
+        else:
+            k = tl.arange(0, BLOCK_K)
+            for k0 in range(0, K, BLOCK_K):
+                x = tl.load(X + rows[:, None] * sxm + (k0 + k)[None, :], mask=row_ok[:, None], other=0.0)
+                w = tl.load(W + cols[:, None] * swn + (k0 + k)[None, :], mask=col_ok[:, None], other=0.0)
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
+            if BITS == 8:
+                acc *= tl.load(Scale + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        return acc
+
+    @triton.jit
+    def _linear_kernel(X, sxm, W, swn, Scale, Zero, Bias, Res, srm, Y, sym, M, N, n_weight_rows,
+                       K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+        # Row tiles are the fastest program index: the tiles that share a block of the weight run together, so it
+        # comes from memory once and from the L2 cache after.
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        rows = pid_m * TILE + tl.arange(0, TILE)
+        row_ok = rows < M
+        j = tl.arange(0, BLOCK_N)
+        if GATED:  # gate column c and up column N + c side by side: SiLU(gate) * up is one output column
+            out_cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            cols = pid_n * (BLOCK_N // 2) + j // 2 + (j % 2) * N
+            col_ok = (pid_n * (BLOCK_N // 2) + j // 2) < N
+        else:
+            out_cols = pid_n * BLOCK_N + j
+            cols = out_cols
+            col_ok = cols < N
+        acc = _product(X, sxm, rows, row_ok, W, swn, Scale, Zero, cols, col_ok, n_weight_rows, K, BITS, GROUP, BLOCK_N,
+                       BLOCK_K, PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        y = acc.to(Y.dtype.element_ty)  # rounded as the unfused layer rounds its product
+        if GATED:
+            gate, up = tl.split(tl.reshape(y, (TILE, BLOCK_N // 2, 2)))
+            gate = gate.to(tl.float32)
+            y = (gate * tl.sigmoid(gate)).to(Y.dtype.element_ty).to(tl.float32) * up.to(tl.float32)
+        if RESIDUAL:
+            y = tl.load(Res + rows[:, None] * srm + out_cols[None, :], mask=row_ok[:, None], other=0.0).to(
+                tl.float32) + y.to(tl.float32)
+        tl.store(Y + rows[:, None] * sym + out_cols[None, :], y.to(Y.dtype.element_ty),
+                 mask=row_ok[:, None] & (out_cols < N)[None, :])
+
+    @triton.jit
+    def _qkv_rotary_kernel(X, sxm, W, swn, Scale, Zero, Bias, Pos, InvFreq, Q, sqm, T,
+                           K1, V1, L1, sk1b, sk1h, sk1s, sv1b, sv1h, sv1s,
+                           K2, V2, L2, sk2b, sk2h, sk2s, sv2b, sv2h, sv2s, M, N,
+                           K: tl.constexpr, N_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, MIRROR: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+        # A program holds BLOCK_N / 2 rotary pairs (i, i + HEAD_DIM / 2) of one head, so it can turn them itself.
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        PAIRS: tl.constexpr = BLOCK_N // 2
+        PER_HEAD: tl.constexpr = HEAD_DIM // BLOCK_N
+        head = pid_n // PER_HEAD
+        i = (pid_n % PER_HEAD) * PAIRS + tl.arange(0, PAIRS)  # frequency index, 0 .. HEAD_DIM / 2
+        j = tl.arange(0, BLOCK_N)
+        cols = head * HEAD_DIM + (pid_n % PER_HEAD) * PAIRS + j // 2 + (j % 2) * (HEAD_DIM // 2)
+        rows = pid_m * TILE + tl.arange(0, TILE)
+        row_ok = rows < M
+        acc = _product(X, sxm, rows, row_ok, W, swn, Scale, Zero, cols, cols < N, N, K, BITS, GROUP, BLOCK_N, BLOCK_K,
+                       PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(Bias + cols).to(tl.float32)[None, :]
+        first, second = tl.split(tl.reshape(acc.to(Q.dtype.element_ty), (TILE, PAIRS, 2)))
+        first, second = first.to(tl.float32), second.to(tl.float32)
+        if head < N_HEADS + N_KV_HEADS:  # queries and keys turn; values do not
+            # Generated tokens are text: one position on every M-RoPE axis, so every frequency turns with it.
+            angle = tl.load(Pos + rows, mask=row_ok, other=0).to(tl.float32)[:, None] * tl.load(InvFreq + i)[None, :]
+            cos, sin = tl.cos(angle), tl.sin(angle)
+            first, second = first * cos - second * sin, second * cos + first * sin
+        first, second = first.to(Q.dtype.element_ty), second.to(Q.dtype.element_ty)
+        if head < N_HEADS:
+            out = Q + rows[:, None] * sqm + head * HEAD_DIM + i[None, :]
+            tl.store(out, first, mask=row_ok[:, None])
+            tl.store(out + HEAD_DIM // 2, second, mask=row_ok[:, None])
+        else:  # a key or value head: into the cache at the sequence's length plus the token's index
+            b, t = rows // T, rows % T
+            is_key = head < N_HEADS + N_KV_HEADS
+            h = tl.where(is_key, head - N_HEADS, head - N_HEADS - N_KV_HEADS)
+            slot = tl.load(L1 + b, mask=row_ok, other=0) + t
+            if is_key:
+                out = K1 + b[:, None] * sk1b + h * sk1h + slot[:, None] * sk1s + i[None, :]
+            else:
+                out = V1 + b[:, None] * sv1b + h * sv1h + slot[:, None] * sv1s + i[None, :]
+            tl.store(out, first, mask=row_ok[:, None])
+            tl.store(out + HEAD_DIM // 2, second, mask=row_ok[:, None])
+            if MIRROR:
+                slot = tl.load(L2 + b, mask=row_ok, other=0) + t
+                if is_key:
+                    out = K2 + b[:, None] * sk2b + h * sk2h + slot[:, None] * sk2s + i[None, :]
+                else:
+                    out = V2 + b[:, None] * sv2b + h * sv2h + slot[:, None] * sv2s + i[None, :]
+                tl.store(out, first, mask=row_ok[:, None])
+                tl.store(out + HEAD_DIM // 2, second, mask=row_ok[:, None])
+
+
+def _weight_operands(w: Weights, K: int):
+    if K % 16:
+        raise ValueError(f"the decode kernels need in_features a multiple of 16, got {K}")
+    if w.bits == 4 and (K % w.group or w.group < 32):
+        raise ValueError(f"int4 weights need groups of at least 32 dividing in_features {K}, got {w.group}")
+    scale = w.scale if w.scale is not None else w.data
+    zero = w.zero if w.zero is not None else w.data
+    return w.data, w.data.stride(0), scale, zero
+
+
+def _blocks(w: Weights, K: int) -> dict:
+    """Tile sizes and launch settings for a weight: they depend on the weight alone, never on the rows."""
+    N = w.data.shape[0]
+    return dict(BLOCK_N=64 if N >= 16384 else 32,  # the large matrices get fewer, longer programs
+                BLOCK_K=w.group if w.bits == 4 else next(b for b in (256, 128, 64, 32, 16) if K % b == 0),
+                GROUP=w.group, BITS=w.bits, num_warps=4, num_stages={16: 5, 8: 4, 4: 4}[w.bits])
+
+
+def _precision(x: torch.Tensor) -> str:
+    return "ieee" if x.dtype == torch.float32 else "tf32"  # float32 exactly; tf32 is ignored for 16-bit inputs
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of each row of x [..., K], one program a row."""
+    needs_triton(x)
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.empty_like(flat)
+    K = flat.shape[1]
+    _rms_norm_kernel[(flat.shape[0],)](flat, flat.stride(0), weight, y, y.stride(0), eps, K=K,
+                                       BLOCK=triton.next_power_of_2(K), num_warps=8)
+    return y.view(x.shape)
+
+
+def linear(x: torch.Tensor, w: Weights, residual: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+    """x [..., K] -> [..., N]: x @ w^T, plus bias and `residual`.
+
+    gated: w holds gate then up (N = 2 I rows) and the result is SiLU(x @ gate^T) * (x @ up^T), [..., I].
+    """
+    needs_triton(x)
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    (M, K), rows_out = flat.shape, w.data.shape[0]
+    N = rows_out // 2 if gated else rows_out
+    data, swn, scale, zero = _weight_operands(w, K)
+    blocks = _blocks(w, K)
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    res = residual.reshape(M, N) if residual is not None else y
+    grid = (triton.cdiv(M, ROW_TILE), triton.cdiv(N, blocks["BLOCK_N"] // 2 if gated else blocks["BLOCK_N"]))
+    _linear_kernel[grid](
+        flat, flat.stride(0), data, swn, scale, zero, w.bias if w.bias is not None else flat, res, res.stride(0), y,
+        y.stride(0), M, N, rows_out, K=K, HAS_BIAS=w.bias is not None, RESIDUAL=residual is not None, GATED=gated,
+        PRECISION=_precision(x), **blocks,
+    )
+    return y.view(*x.shape[:-1], N)
+
+
+def gated_linear(x: torch.Tensor, w: Weights) -> torch.Tensor:
+    return linear(x, w, gated=True)
+
+
+def qkv_rotary(x: torch.Tensor, w: Weights, pos: torch.Tensor, inv_freq: torch.Tensor, n_heads: int,
+               n_kv_heads: int, cache, mirror=None) -> torch.Tensor:
+    """x [B, T, dim] -> queries [B, T, n_heads * D], rotated; the tokens' rotated keys and values are written to
+    `cache` (.k, .v [B, Hkv, S, D], .lengths [B]) at slots lengths[b] + t, and to `mirror` at its own lengths.
+
+    pos [B, T]: each token's position, the same on every M-RoPE axis (generated tokens are text).
+    """
+    needs_triton(x)
+    B, T, K = x.shape
+    D = cache.k.shape[-1]
+    if D < 16 or D & (D - 1):
+        raise NotImplementedError(f"the decode kernels need a power-of-two head_dim of at least 16, got {D}")
+    flat = x.reshape(B * T, K).contiguous()
+    N = (n_heads + 2 * n_kv_heads) * D
+    data, swn, scale, zero = _weight_operands(w, K)
+    blocks = _blocks(w, K)
+    blocks["BLOCK_N"] = min(blocks["BLOCK_N"], D)
+    q = torch.empty(B * T, n_heads * D, device=x.device, dtype=x.dtype)
+    other = mirror if mirror is not None else cache
+    _qkv_rotary_kernel[(triton.cdiv(B * T, ROW_TILE), N // blocks["BLOCK_N"])](
+        flat, flat.stride(0), data, swn, scale, zero, w.bias if w.bias is not None else flat,
+        pos.reshape(-1).contiguous(), inv_freq, q, q.stride(0), T,
+        cache.k, cache.v, cache.lengths, *cache.k.stride()[:3], *cache.v.stride()[:3],
+        other.k, other.v, other.lengths, *other.k.stride()[:3], *other.v.stride()[:3], B * T, N,
+        K=K, N_HEADS=n_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=D, HAS_BIAS=w.bias is not None,
+        MIRROR=mirror is not None, PRECISION=_precision(x), **blocks,
+    )
+    return q.view(B, T, n_heads * D)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
 
 if triton is not None:
 
     @triton.jit
-    def _decode_attention_kernel(
-        Q, K, V, Lengths, Out, Lse, n_kv_heads,
-        sqb, sqt, sqh, skb, skh, sks, svb, svh, svs, sob, soh, sos, sor, slb, slh, sls,
-        T: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr, PRECISION: tl.constexpr, SCALE: tl.constexpr,
-    ):
-        # One program: one sequence, one KV head, one split of the filled slots. Its rows are the T new tokens
-        # times the GROUP query heads that share the KV head, so each key and value is read once for all of them.
+    def _attention_kernel(Q, sqm, K, V, Lengths, Part, Lse, T, n_kv_heads, n_tiles, skb, skh, sks, svb, svh, svs,
+                          spr, sps, slr, N_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, ROWS: tl.constexpr, PRECISION: tl.constexpr,
+                          SCALE: tl.constexpr):
+        # One program: one tile of ROWS rows of one sequence and KV head, over one fixed piece of SPLIT slots. Its
+        # rows are (token, query head of the group): each key and value is read once for all of them.
         pid, split = tl.program_id(0), tl.program_id(1)
-        b, h = pid // n_kv_heads, pid % n_kv_heads
-        rows = tl.arange(0, ROWS)
-        t, g = rows // GROUP, rows % GROUP
+        tile, bh = pid % n_tiles, pid // n_tiles
+        b, h = bh // n_kv_heads, bh % n_kv_heads
+        r = tile * ROWS + tl.arange(0, ROWS)
+        row_ok = r < T * GROUP
+        t, g = r // GROUP, r % GROUP
         d = tl.arange(0, HEAD_DIM)
-        q = tl.load(Q + b * sqb + t[:, None] * sqt + (h * GROUP + g)[:, None] * sqh + d[None, :],
-                    mask=(rows < T * GROUP)[:, None], other=0.0)
         length = tl.load(Lengths + b)
-        n_keys = length + T
-        # Splits follow the filled length, not the capacity: every split has work and nothing past it is read.
-        chunk = tl.cdiv(tl.cdiv(n_keys, N_SPLITS), BLOCK_N) * BLOCK_N
-        start = split * chunk
-        end = tl.minimum(start + chunk, n_keys)
-        visible_end = length + t + 1  # row t sees the cache and the new tokens up to itself
+        visible_end = length + t + 1  # token t sees the cache and the new tokens up to itself
+        last_t = tl.minimum(tile * ROWS + ROWS - 1, T * GROUP - 1) // GROUP
+        start = split * SPLIT
+        end = tl.minimum(start + SPLIT, length + last_t + 1)
+        q = tl.load(Q + (b * T + t)[:, None] * sqm + (h * GROUP + g)[:, None] * HEAD_DIM + d[None, :],
+                    mask=(row_ok & (r * 0 + start < end))[:, None], other=0.0)  # a piece past the filled part reads nothing
         m = tl.full([ROWS], float("-inf"), tl.float32)
         l = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+        # Blocks past a row's last visible slot change nothing of it, bit for bit (their weights are exactly 0 and
+        # the running maximum stays): a row gets the same result in a call of one token or of many.
         for s in range(start, end, BLOCK_N):
             slots = s + tl.arange(0, BLOCK_N)
             in_range = (slots < end)[:, None]
@@ -58,94 +335,66 @@ if triton is not None:
             p = tl.exp(scores - m_safe[:, None])
             alpha = tl.exp(m - m_safe)
             l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
             m = m_new
-        out = tl.where(l[:, None] > 0, acc / l[:, None], 0.0)
-        tl.store(Out + b * sob + h * soh + split * sos + rows[:, None] * sor + d[None, :], out)
-        tl.store(Lse + b * slb + h * slh + split * sls + rows, m + tl.log(l))  # -inf for an empty split
-
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, n_splits: int):
-    """Split-KV ("flash decoding") attention of T new tokens over a static cache.
-
-    q [B, T, Hq, D]; k, v [B, Hkv, S, D] with the new tokens' keys/values already written at slots lengths[b] ..
-    lengths[b] + T - 1; -> [B, T, Hq * D]. Token t of sequence b sees slots 0 .. lengths[b] + t (causal).
-
-    The launch shape is fixed (it is captured in CUDA graphs); each program finds its piece of the filled slots
-    from `lengths` on the device, so the pieces follow the length as it grows and nothing past it is read.
-    """
-    if triton is None:
-        raise ImportError("decode attention on a GPU needs Triton (it ships with CUDA builds of PyTorch)")
-    B, T, Hq, D = q.shape
-    Hkv = k.shape[1]
-    group = Hq // Hkv
-    if D < 16 or D & (D - 1):
-        raise NotImplementedError(f"the Triton decode kernel needs a power-of-two head_dim >= 16, got {D}")
-    rows = max(16, triton.next_power_of_2(T * group))
-    out = torch.empty(B, Hkv, n_splits, rows, D, device=q.device, dtype=torch.float32)
-    lse = torch.empty(B, Hkv, n_splits, rows, device=q.device, dtype=torch.float32)
-    _decode_attention_kernel[(B * Hkv, n_splits)](
-        q, k, v, lengths, out, lse, Hkv,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), *out.stride()[:4], *lse.stride()[:3],
-        T=T, GROUP=group, ROWS=rows, HEAD_DIM=D, BLOCK_N=64, N_SPLITS=n_splits,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SCALE=1.0 / math.sqrt(D),
-        num_warps=4, num_stages=2,
-    )
-    weights = torch.softmax(lse, dim=2)  # merge the splits by their log-sum-exp
-    merged = (weights[..., None] * out).sum(2)[:, :, : T * group]  # [B, Hkv, T * group, D]
-    return merged.view(B, Hkv, T, group, D).transpose(1, 2).reshape(B, T, Hq * D).to(q.dtype)
-
-
-if triton is not None:
+        row = (b * T + t) * N_HEADS + h * GROUP + g
+        store = row_ok & (start < visible_end)  # the merge reads only the splits a row sees, and they are not empty
+        l = tl.where(store, l, 1.0)
+        tl.store(Part + row[:, None] * spr + split * sps + d[None, :], acc / l[:, None], mask=store[:, None])
+        tl.store(Lse + row * slr + split, m + tl.log(l), mask=store)
 
     @triton.jit
-    def _small_linear_kernel(X, W, Scale, Bias, Y, M, N, K, sxm, swn, sym, INT8: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             PRECISION: tl.constexpr):
-        # y[M, N] = x[M, K] @ w[N, K]^T for the few rows of a decode step: each program streams BLOCK_N rows of the
-        # weight once. INT8: w is int8, with one scale per row applied to the sums.
-        pid_n, pid_m = tl.program_id(0), tl.program_id(1)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_ok, n_ok = rm < M, rn < N
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(X + rm[:, None] * sxm + rk[None, :], mask=m_ok[:, None] & (rk < K)[None, :], other=0.0)
-            w = tl.load(W + rn[:, None] * swn + rk[None, :], mask=n_ok[:, None] & (rk < K)[None, :], other=0.0)
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
-        if INT8:
-            acc *= tl.load(Scale + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            acc += tl.load(Bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + rm[:, None] * sym + rn[None, :], acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    def _merge_kernel(Part, Lse, Lengths, Out, T, spr, sps, slr, som, N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      BLOCK_S: tl.constexpr, SPLIT: tl.constexpr):
+        # One program: one (sequence, token, query head). Its splits are combined by their log-sum-exp in a fixed
+        # order: BLOCK_S at a time, by the same reduction tree; splits past the row's end weigh exactly 0.
+        pid = tl.program_id(0)
+        row = pid  # (b * T + t) * N_HEADS + head
+        b, t, head = pid // (T * N_HEADS), (pid // N_HEADS) % T, pid % N_HEADS
+        n = tl.cdiv(tl.load(Lengths + b) + t + 1, SPLIT)
+        s = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, HEAD_DIM)
+        top = tl.full([BLOCK_S], float("-inf"), tl.float32)
+        for s0 in range(0, n, BLOCK_S):
+            top = tl.maximum(top, tl.load(Lse + row * slr + s0 + s, mask=s0 + s < n, other=float("-inf")))
+        top_all = tl.max(top, 0)
+        total = tl.zeros([BLOCK_S], tl.float32)
+        acc = tl.zeros([HEAD_DIM], tl.float32)
+        for s0 in range(0, n, BLOCK_S):
+            ok = s0 + s < n
+            weight = tl.exp(tl.load(Lse + row * slr + s0 + s, mask=ok, other=float("-inf")) - top_all)
+            part = tl.load(Part + row * spr + (s0 + s)[:, None] * sps + d[None, :], mask=ok[:, None], other=0.0)
+            total += weight
+            acc += tl.sum(weight[:, None] * part, 0)
+        out = acc / tl.sum(total, 0)
+        tl.store(Out + (b * T + t) * som + head * HEAD_DIM + d, out.to(Out.dtype.element_ty))
 
 
-def small_linear(x, weight, bias=None, scale=None) -> torch.Tensor:
-    """x [..., K] @ weight^T (+ bias) for a decode step's few rows, streaming the weight once (Triton, GPU).
+def decode_attention(q: torch.Tensor, cache) -> torch.Tensor:
+    """Split-KV ("flash decoding") attention of T new tokens per sequence over a static cache.
 
-    weight [N, K] in x's dtype, or int8 with `scale` [N].
+    q [B, T, Hq * D], rotated; cache .k, .v [B, Hkv, S, D] with the new tokens' keys/values already written at slots
+    lengths[b] .. lengths[b] + T - 1 -> [B, T, Hq * D]. Token t of sequence b sees slots 0 .. lengths[b] + t.
+
+    The launch covers the whole capacity in pieces of SPLIT slots; a piece past the filled length does nothing and
+    the merge reads only the pieces a row sees. The launch shape is fixed, so it is captured in CUDA graphs.
     """
-    if triton is None:
-        raise ImportError("small_linear on a GPU needs Triton (it ships with CUDA builds of PyTorch)")
-    flat = x.reshape(-1, x.shape[-1])
-    (M, K), N = flat.shape, weight.shape[0]
-    if flat.stride(-1) != 1:
-        flat = flat.contiguous()
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    block_m = max(16, triton.next_power_of_2(M))  # tensor cores, the rows padded: faster than a register loop
-    block_n = 64 if N >= 16384 else 32  # the large matrices get fewer, longer programs
-    int8 = scale is not None
-    _small_linear_kernel[(triton.cdiv(N, block_n), triton.cdiv(M, block_m))](
-        flat, weight, scale if int8 else weight, bias if bias is not None else weight, y, M, N, K,
-        flat.stride(0), weight.stride(0), y.stride(0), INT8=int8, HAS_BIAS=bias is not None, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=256 if K % 256 == 0 else 128,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4, num_stages=4 if int8 else 5,
+    needs_triton(q)
+    B, T, width = q.shape
+    Hkv, S, D = cache.k.shape[1:]
+    Hq = width // D
+    group = Hq // Hkv
+    n_tiles = triton.cdiv(T * group, ATTENTION_ROWS)
+    n_splits = triton.cdiv(S, SPLIT)  # SPLIT and ATTENTION_ROWS are read at each call: fixed for a process
+    part = torch.empty(B * T * Hq, n_splits, D, device=q.device, dtype=torch.float32)
+    lse = torch.empty(B * T * Hq, n_splits, device=q.device, dtype=torch.float32)
+    q = q.contiguous()
+    _attention_kernel[(B * Hkv * n_tiles, n_splits)](
+        q, q.stride(1), cache.k, cache.v, cache.lengths, part, lse, T, Hkv, n_tiles, *cache.k.stride()[:3],
+        *cache.v.stride()[:3], part.stride(0), part.stride(1), lse.stride(0), N_HEADS=Hq, GROUP=group, HEAD_DIM=D,
+        SPLIT=SPLIT, ROWS=ATTENTION_ROWS, PRECISION=_precision(q), SCALE=D ** -0.5, **ATTENTION_LAUNCH,
     )
-    return y.view(*x.shape[:-1], N)
-
-
-def small_rows(x: torch.Tensor) -> bool:
-    """A decode step's few rows on a GPU: the case of the Triton kernel above."""
-    return x.is_cuda and x.numel() <= 16 * x.shape[-1]
+    out = torch.empty(B, T, Hq * D, device=q.device, dtype=q.dtype)
+    _merge_kernel[(B * T * Hq,)](part, lse, cache.lengths, out, T, part.stride(0), part.stride(1), lse.stride(0),
+                                 out.stride(1), N_HEADS=Hq, HEAD_DIM=D, BLOCK_S=MERGE_BLOCK, SPLIT=SPLIT, num_warps=4)
+    return out

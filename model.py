@@ -5,9 +5,9 @@ Two forwards share the weights:
     prefill(one prompt)  -> fills one row of a KVCache; attention through SDPA (flash on a GPU)
     step(tokens [B, T])  -> runs a few new tokens of every row against the cache, appending their keys/values at
                             each row's own length; fixed shapes, so it can be compiled and captured in a CUDA graph.
-                            On a GPU its attention and matrix-vector products are the Triton kernels of kernels.py.
+                            On a GPU a layer's step is six Triton kernels (kernels.py), batch-invariant: a token's
+                            logits and keys/values come out bit for bit the same whatever else is in the call.
 """
-import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import decode_attention, small_linear, small_rows
+import kernels
 from vision import RMSNorm, VisionConfig, VisionTransformer
 
 PREFILL_MLP_CHUNK = 8192  # prompt tokens per MLP pass in prefill: bounds the largest activation of a long prompt
@@ -58,7 +58,6 @@ class LayerCache(NamedTuple):
     k: torch.Tensor  # [B, Hkv, S, D]
     v: torch.Tensor  # [B, Hkv, S, D]
     lengths: torch.Tensor  # [B] filled slots per sequence
-    splits: int = 1  # parallel pieces the GPU kernel cuts the filled slots into (a constant of the cache)
 
 
 @dataclass(eq=False)  # identity, not elementwise tensor comparison
@@ -73,7 +72,6 @@ class KVCache:
     k: list[torch.Tensor]  # per layer [B, Hkv, S, D]
     v: list[torch.Tensor]
     lengths: torch.Tensor  # [B]
-    splits: int  # see LayerCache
 
     @classmethod
     def zeros(cls, n_layers, batch, n_kv_heads, capacity, head_dim, dtype, device) -> "KVCache":
@@ -81,20 +79,18 @@ class KVCache:
         # Zeros, not empty: the masked SDPA path multiplies unfilled slots by a zero weight, and 0 * NaN is NaN.
         k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        # About 256 slots a piece, and at most ~256 pieces in all (two waves of an H100's 132 multiprocessors).
-        splits = min(-(-256 // (batch * n_kv_heads)), 1 << max(0, math.ceil(math.log2(capacity / 256))))
-        return cls(k, v, torch.zeros(batch, dtype=torch.long, device=device), splits)
+        return cls(k, v, torch.zeros(batch, dtype=torch.long, device=device))
 
     @property
     def capacity(self) -> int:
         return self.k[0].shape[2]
 
     def layer(self, i: int) -> LayerCache:
-        return LayerCache(self.k[i], self.v[i], self.lengths, self.splits)
+        return LayerCache(self.k[i], self.v[i], self.lengths)
 
     def first_layers(self, n: int) -> "KVCache":
         """The first n layers' storage, shared, with lengths of its own (an early-exit draft reads it)."""
-        return KVCache(self.k[:n], self.v[:n], self.lengths.clone(), self.splits)
+        return KVCache(self.k[:n], self.v[:n], self.lengths.clone())
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.k + self.v)
@@ -105,8 +101,6 @@ class KVCache:
 
 def attend_cache(q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
     """q [B, T, Hq, D] of tokens at slots lengths..lengths+T-1 (already written) -> [B, T, Hq * D], causal."""
-    if q.is_cuda:
-        return decode_attention(q, cache.k, cache.v, cache.lengths, cache.splits)
     # The query heads of a KV head become rows of one attention (row = head in group, token), like the GPU kernel:
     # each key is read once, never repeated per query head.
     B, T, Hq, D = q.shape
@@ -119,22 +113,19 @@ def attend_cache(q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
     return out.view(B, Hkv, Hq // Hkv, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, Hq * D)
 
 
-class Linear(nn.Linear):
-    """nn.Linear whose decode steps stream the weight through kernels.small_linear: cuBLAS reads these
-    matrix-vector products well under the memory bandwidth."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if small_rows(x):
-            return small_linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
-
-
 # ---------------------------------------------------------------------------------------------- layers
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def text_rope(pos: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, T, 1, D] of text tokens at pos [B, T]: one position on every M-RoPE axis."""
+    angles = pos[..., None].to(inv_freq.dtype) * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)[:, :, None]
+    return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -147,8 +138,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         # q, k and v projections in one matrix: one read of the weights per step instead of three.
-        self.qkv = Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim)
-        self.o_proj = Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.qkv = nn.Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         B, T, _ = x.shape
@@ -184,8 +175,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_up = Linear(config.dim, 2 * config.intermediate_size, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.dim, bias=False)
+        self.gate_up = nn.Linear(config.dim, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -200,10 +191,28 @@ class Block(nn.Module):
         self.post_attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, cache: LayerCache, mirror: LayerCache | None = None) -> torch.Tensor:
-        """A step: x [B, T, dim] are new tokens appended to `cache` (and also written to `mirror`, if given)."""
+    def forward(self, x, pos, inv_freq, cache: LayerCache, mirror: LayerCache | None = None) -> torch.Tensor:
+        """A step: x [B, T, dim] are new tokens at positions pos [B, T], appended to `cache` (and also written to
+        `mirror`, if given). On a GPU, the fused kernels; elsewhere plain PyTorch, the reference they are tested on."""
+        step = self.fused_step if x.is_cuda else self.plain_step
+        return step(x, pos, inv_freq, cache, mirror)
+
+    def plain_step(self, x, pos, inv_freq, cache: LayerCache, mirror: LayerCache | None = None) -> torch.Tensor:
+        cos, sin = text_rope(pos, inv_freq)
         x = x + self.attn(self.input_norm(x), cos, sin, cache, mirror)
         return x + self.mlp(self.post_attention_norm(x))
+
+    def fused_step(self, x, pos, inv_freq, cache: LayerCache, mirror: LayerCache | None = None) -> torch.Tensor:
+        """The same step as eight kernels: rotary embedding and the cache writes, the residuals and the SiLU gate in
+        the products' epilogues."""
+        attn, mlp = self.attn, self.mlp
+        h = kernels.rms_norm(x, self.input_norm.weight, self.input_norm.eps)
+        q = kernels.qkv_rotary(h, kernels.weights_of(attn.qkv), pos, inv_freq, attn.n_heads, attn.n_kv_heads, cache,
+                               mirror)
+        x = kernels.linear(kernels.decode_attention(q, cache), kernels.weights_of(attn.o_proj), residual=x)
+        h = kernels.rms_norm(x, self.post_attention_norm.weight, self.post_attention_norm.eps)
+        return kernels.linear(kernels.gated_linear(h, kernels.weights_of(mlp.gate_up)),
+                              kernels.weights_of(mlp.down_proj), residual=x)
 
     def prefill(self, x, cos, sin, k_cache, v_cache, row: int, query_rows):
         h, queries = self.attn.prefill(self.input_norm(x), cos, sin, k_cache, v_cache, row, query_rows)
@@ -257,7 +266,7 @@ class Qwen2VL(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.lm_head = Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.visual = VisionTransformer(config.vision)
@@ -274,13 +283,16 @@ class Qwen2VL(nn.Module):
         c = self.config
         return KVCache.zeros(c.n_layers, batch, c.n_kv_heads, capacity, c.head_dim, self.dtype, self.device)
 
-    def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pos [3, ...] -> cos, sin [..., D]; frequency i turns with the t, h or w position by mrope_section."""
+    def inv_freq(self) -> torch.Tensor:
+        """[D / 2] rotary frequencies, in float32 or better."""
         D = self.config.head_dim
         dtype = torch.promote_types(self.dtype, torch.float32)
-        inv_freq = 1.0 / self.config.rope_theta ** (torch.arange(0, D, 2, device=pos.device).to(dtype) / D)
-        sections = inv_freq.split(list(self.config.mrope_section))
-        angles = torch.cat([pos[axis, ..., None].to(dtype) * f for axis, f in enumerate(sections)], dim=-1)
+        return 1.0 / self.config.rope_theta ** (torch.arange(0, D, 2, device=self.device).to(dtype) / D)
+
+    def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos [3, ...] -> cos, sin [..., D]; frequency i turns with the t, h or w position by mrope_section."""
+        sections = self.inv_freq().split(list(self.config.mrope_section))
+        angles = torch.cat([pos[axis, ..., None].to(f.dtype) * f for axis, f in enumerate(sections)], dim=-1)
         angles = torch.cat([angles, angles], dim=-1)
         return angles.cos(), angles.sin()
 
@@ -332,13 +344,14 @@ class Qwen2VL(nn.Module):
 
         Generated tokens are text: one position on all three M-RoPE axes. With `n_layers`, exit early after that
         many layers. With `mirror`, the keys/values are also written to that cache at its own lengths.
-        `layer_fn(block, x, cos, sin, cache, mirror)` runs one layer: std.py passes Block.forward compiled.
+        `layer_fn(block, x, pos, inv_freq, cache, mirror)` runs one layer: std.py passes Block.forward compiled.
         """
-        cos, sin = self.rope(pos.expand(3, *pos.shape))
-        cos, sin = cos[:, :, None], sin[:, :, None]
+        inv_freq = self.inv_freq()
         x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers[:n_layers]):
-            x = layer_fn(layer, x, cos, sin, cache.layer(i), mirror.layer(i) if mirror is not None else None)
+            x = layer_fn(layer, x, pos, inv_freq, cache.layer(i), mirror.layer(i) if mirror is not None else None)
+        if x.is_cuda:
+            return kernels.linear(kernels.rms_norm(x, self.norm.weight, self.norm.eps), kernels.weights_of(self.lm_head))
         return self.lm_head(self.norm(x))
 
     def forward(self, inputs) -> torch.Tensor:
