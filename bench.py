@@ -907,7 +907,7 @@ def answer_attention(model, prefilled, inputs, answer):
 
 def kernels_mode(args, model, device):
     """The matrix-vector products of a draft step, by kernel: every layer's qkv, o, gate_up and down in turn, as one
-    CUDA graph. Ours (kernels.linear) against cuBLAS, PyTorch's int8 and int4 (tinygemm) kernels and gpt-fast's int8."""
+    CUDA graph. Ours (kernels.linear) against cuBLAS, PyTorch's int8 kernel and gpt-fast's int8; int4 is tinygemm's."""
     import torch._inductor.config
 
     import kernels
@@ -917,11 +917,10 @@ def kernels_mode(args, model, device):
                                                      layer.mlp.down_proj)]
     int8, int4 = [quant.Int8Linear(m) for m in linears], [quant.Int4Linear(m) for m in linears]
     scales = [q.scale.to(torch.bfloat16) for q in int8]  # PyTorch's and gpt-fast's int8 take them in x's dtype
-    tinygemm = [tinygemm_int4(q) for q in int4]
     gpt_fast_int8 = torch.compile(lambda x, w, scale: F.linear(x, w.to(x.dtype)) * scale, dynamic=False)
     bf16_bytes = sum(m.weight.nbytes for m in linears)
     int8_bytes = sum(q.weight.nbytes + q.scale.nbytes for q in int8)
-    int4_bytes = sum(q.packed.nbytes + q.scale.nbytes + q.zero.nbytes for q in int4)
+    int4_bytes = sum(q.packed.nbytes + q.scale_and_zero.nbytes for q in int4)
     ours = lambda modules: (lambda x: [kernels.linear(x[m.in_features], kernels.weights_of(w))
                                        for m, w in zip(linears, modules)])
     runs = {
@@ -932,10 +931,8 @@ def kernels_mode(args, model, device):
             x[m.in_features], q.weight, scale) for m, q, scale in zip(linears, int8, scales)], int8_bytes),
         "int8, gpt-fast (compiled dequantize + F.linear)": (lambda x: [gpt_fast_int8(
             x[m.in_features], q.weight, scale) for m, q, scale in zip(linears, int8, scales)], int8_bytes),
-        "int4, ours (kernels.linear)": (ours(int4), int4_bytes),
         "int4, PyTorch _weight_int4pack_mm (tinygemm)": (lambda x: [torch.ops.aten._weight_int4pack_mm(
-            x[m.in_features], packed, q.group, scale_and_zero) for m, q, (packed, scale_and_zero)
-            in zip(linears, int4, tinygemm)], int4_bytes),
+            x[m.in_features], q.packed, q.group, q.scale_and_zero) for m, q in zip(linears, int4)], int4_bytes),
     }
     report = dict(device=describe(device), model=args.model, matrices=len(linears), rows={})
     print(f"{describe(device)}, {args.model}: {len(linears)} decoder matrices in turn, one CUDA graph")
@@ -950,15 +947,6 @@ def kernels_mode(args, model, device):
                 print(f"{rows:>2} rows  {name:<48} {ms:>8.3f} ms  {nbytes / 1e9:>6.2f} GB  "
                       f"{nbytes / ms / 1e9:>5.2f} TB/s", flush=True)
     return report
-
-
-def tinygemm_int4(q):
-    """The same int4 weights in the layout of PyTorch's int4 kernel: two columns a byte, the even one high."""
-    values = q.quantized_values()
-    pairs = (values[:, ::2] << 4 | values[:, 1::2]).contiguous()
-    K = values.shape[1]
-    packed = torch.ops.aten._convert_weight_to_int4pack(pairs, next(t for t in (8, 4, 2) if K % (16 * t) == 0))
-    return packed, torch.stack([q.scale, q.zero], dim=-1).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -6,7 +6,7 @@ A decoder layer's step on a GPU is eight launches:
     x = linear(a, o_proj, residual=x)    the output projection plus the residual
     h = gated_linear(rms_norm(x), ...)   gate and up, SiLU(gate) * up
     x = linear(h, down, residual=x)      the down projection plus the residual
-and the head is `linear(rms_norm(x), lm_head)`. Weights come as bfloat16/float32, int8 or int4 (`Weights`).
+and the head is `linear(rms_norm(x), lm_head)`. Weights come as bfloat16/float32 or int8 (`Weights`).
 
 Batch invariance: a row's arithmetic never depends on the other rows of the call. Rows go through in tiles of
 ROW_TILE whatever their number, every reduction runs in a fixed order over blocks that depend only on the shapes of
@@ -36,21 +36,19 @@ MERGE_BLOCK = 64  # attention splits the merge combines at once
 
 class Weights(NamedTuple):
     """A linear layer's weight as the kernels read it: y = x @ w^T (+ bias).
-
-    bits 16: `data` [N, K] in the activations' dtype.  bits 8: int8 [N, K], w = data * scale[n].
-    bits 4: uint8 [N, K / 2], per group of `group` input columns: byte i of a group holds the 4-bit values of column
-    i (low nibble) and column i + group / 2 (high nibble); w = (q - 8) * scale + zero, scale and zero [K / group, N].
-    """
+    bits 16: `data` [N, K] in the activations' dtype.  bits 8: int8 [N, K], w = data * scale[n]."""
     data: torch.Tensor
     bias: torch.Tensor | None = None
     bits: int = 16
     scale: torch.Tensor | None = None
-    zero: torch.Tensor | None = None
-    group: int = 0
+
+
+def readable(linear) -> bool:
+    """Whether the kernels read this layer: an nn.Linear, or a module with its own `decode_weights()` (quant.py)."""
+    return isinstance(linear, torch.nn.Linear) or hasattr(linear, "decode_weights")
 
 
 def weights_of(linear) -> Weights:
-    """The kernels' view of a linear layer: an nn.Linear, or a module with its own `decode_weights()` (quant.py)."""
     own = getattr(linear, "decode_weights", None)
     return own() if own is not None else Weights(linear.weight, linear.bias)
 
@@ -79,44 +77,26 @@ if triton is not None:
         tl.store(Y + row * sym + k, normed * tl.load(Weight + k, mask=k < K, other=0.0), mask=k < K)
 
     @triton.jit
-    def _product(X, sxm, rows, row_ok, W, swn, Scale, Zero, cols, col_ok, N, K: tl.constexpr, BITS: tl.constexpr,
-                 GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    def _product(X, sxm, rows, row_ok, W, swn, Scale, cols, col_ok, K: tl.constexpr, BITS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
         """float32 [TILE, BLOCK_N]: x[rows] times the weight rows `cols`, summed over K in order, BLOCK_K at a time.
 
-        x goes into the tensor-core product exactly as loaded: an operand changed in registers costs a trip through
-        shared memory every step (measured: twice the time of the whole product)."""
+        Both operands go into the tensor-core product exactly as loaded: an operand changed in registers (an RMSNorm
+        folded in, int4 values dequantized) costs a trip through shared memory every step, which measured slower
+        than a separate norm kernel, and int4 slower than PyTorch's own kernel (BENCHMARKS.md)."""
         acc = tl.zeros([TILE, BLOCK_N], tl.float32)
-        if BITS == 4:
-            # One group a step, dequantized in registers as the product's first operand, which the tensor cores
-            # take from registers: acc^T [BLOCK_N, TILE] = w [BLOCK_N, GROUP / 2] @ x^T, for each nibble half.
-            HALF: tl.constexpr = GROUP // 2
-            j = tl.arange(0, HALF)
-            acc_t = tl.zeros([BLOCK_N, TILE], tl.float32)
-            for g in range(0, K // GROUP):
-                packed = tl.load(W + cols[:, None] * swn + (g * HALF + j)[None, :], mask=col_ok[:, None], other=0)
-                scale = tl.load(Scale + g * N + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
-                offset = tl.load(Zero + g * N + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None] - 8.0 * scale
-                low_t = tl.load(X + rows[None, :] * sxm + (g * GROUP + j)[:, None], mask=row_ok[None, :], other=0.0)
-                high_t = tl.load(X + rows[None, :] * sxm + (g * GROUP + HALF + j)[:, None], mask=row_ok[None, :],
-                                 other=0.0)
-                w_low = ((packed & 0xF).to(tl.float32) * scale + offset).to(low_t.dtype)
-                w_high = ((packed >> 4).to(tl.float32) * scale + offset).to(low_t.dtype)
-                acc_t = tl.dot(w_low, low_t, acc_t, input_precision=PRECISION)
-                acc_t = tl.dot(w_high, high_t, acc_t, input_precision=PRECISION)
-            acc = tl.trans(acc_t)
-        else:
-            k = tl.arange(0, BLOCK_K)
-            for k0 in range(0, K, BLOCK_K):
-                x = tl.load(X + rows[:, None] * sxm + (k0 + k)[None, :], mask=row_ok[:, None], other=0.0)
-                w = tl.load(W + cols[:, None] * swn + (k0 + k)[None, :], mask=col_ok[:, None], other=0.0)
-                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
-            if BITS == 8:
-                acc *= tl.load(Scale + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        k = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(X + rows[:, None] * sxm + (k0 + k)[None, :], mask=row_ok[:, None], other=0.0)
+            w = tl.load(W + cols[:, None] * swn + (k0 + k)[None, :], mask=col_ok[:, None], other=0.0)
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
+        if BITS == 8:
+            acc *= tl.load(Scale + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         return acc
 
     @triton.jit
-    def _linear_kernel(X, sxm, W, swn, Scale, Zero, Bias, Res, srm, Y, sym, M, N, n_weight_rows,
-                       K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _linear_kernel(X, sxm, W, swn, Scale, Bias, Res, srm, Y, sym, M, N,
+                       K: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
         # Row tiles are the fastest program index: the tiles that share a block of the weight run together, so it
         # comes from memory once and from the L2 cache after.
@@ -132,8 +112,7 @@ if triton is not None:
             out_cols = pid_n * BLOCK_N + j
             cols = out_cols
             col_ok = cols < N
-        acc = _product(X, sxm, rows, row_ok, W, swn, Scale, Zero, cols, col_ok, n_weight_rows, K, BITS, GROUP, BLOCK_N,
-                       BLOCK_K, PRECISION)
+        acc = _product(X, sxm, rows, row_ok, W, swn, Scale, cols, col_ok, K, BITS, BLOCK_N, BLOCK_K, PRECISION)
         if HAS_BIAS:
             acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         y = acc.to(Y.dtype.element_ty)  # rounded as the unfused layer rounds its product
@@ -148,11 +127,11 @@ if triton is not None:
                  mask=row_ok[:, None] & (out_cols < N)[None, :])
 
     @triton.jit
-    def _qkv_rotary_kernel(X, sxm, W, swn, Scale, Zero, Bias, Pos, InvFreq, Q, sqm, T,
+    def _qkv_rotary_kernel(X, sxm, W, swn, Scale, Bias, Pos, InvFreq, Q, sqm, T,
                            K1, V1, L1, sk1b, sk1h, sk1s, sv1b, sv1h, sv1s,
                            K2, V2, L2, sk2b, sk2h, sk2s, sv2b, sv2h, sv2s, M, N,
                            K: tl.constexpr, N_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, MIRROR: tl.constexpr,
+                           BITS: tl.constexpr, HAS_BIAS: tl.constexpr, MIRROR: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
         # A program holds BLOCK_N / 2 rotary pairs (i, i + HEAD_DIM / 2) of one head, so it can turn them itself.
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -164,8 +143,7 @@ if triton is not None:
         cols = head * HEAD_DIM + (pid_n % PER_HEAD) * PAIRS + j // 2 + (j % 2) * (HEAD_DIM // 2)
         rows = pid_m * TILE + tl.arange(0, TILE)
         row_ok = rows < M
-        acc = _product(X, sxm, rows, row_ok, W, swn, Scale, Zero, cols, cols < N, N, K, BITS, GROUP, BLOCK_N, BLOCK_K,
-                       PRECISION)
+        acc = _product(X, sxm, rows, row_ok, W, swn, Scale, cols, cols < N, K, BITS, BLOCK_N, BLOCK_K, PRECISION)
         if HAS_BIAS:
             acc += tl.load(Bias + cols).to(tl.float32)[None, :]
         first, second = tl.split(tl.reshape(acc.to(Q.dtype.element_ty), (TILE, PAIRS, 2)))
@@ -204,19 +182,15 @@ if triton is not None:
 def _weight_operands(w: Weights, K: int):
     if K % 16:
         raise ValueError(f"the decode kernels need in_features a multiple of 16, got {K}")
-    if w.bits == 4 and (K % w.group or w.group < 32):
-        raise ValueError(f"int4 weights need groups of at least 32 dividing in_features {K}, got {w.group}")
-    scale = w.scale if w.scale is not None else w.data
-    zero = w.zero if w.zero is not None else w.data
-    return w.data, w.data.stride(0), scale, zero
+    return w.data, w.data.stride(0), w.scale if w.scale is not None else w.data
 
 
 def _blocks(w: Weights, K: int) -> dict:
     """Tile sizes and launch settings for a weight: they depend on the weight alone, never on the rows."""
     N = w.data.shape[0]
     return dict(BLOCK_N=64 if N >= 16384 else 32,  # the large matrices get fewer, longer programs
-                BLOCK_K=w.group if w.bits == 4 else next(b for b in (256, 128, 64, 32, 16) if K % b == 0),
-                GROUP=w.group, BITS=w.bits, num_warps=4, num_stages={16: 5, 8: 4, 4: 4}[w.bits])
+                BLOCK_K=next(b for b in (256, 128, 64, 32, 16) if K % b == 0), BITS=w.bits, num_warps=4,
+                num_stages=5 if w.bits == 16 else 4)
 
 
 def _precision(x: torch.Tensor) -> str:
@@ -245,14 +219,14 @@ def linear(x: torch.Tensor, w: Weights, residual: torch.Tensor | None = None, ga
         flat = flat.contiguous()
     (M, K), rows_out = flat.shape, w.data.shape[0]
     N = rows_out // 2 if gated else rows_out
-    data, swn, scale, zero = _weight_operands(w, K)
+    data, swn, scale = _weight_operands(w, K)
     blocks = _blocks(w, K)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     res = residual.reshape(M, N) if residual is not None else y
     grid = (triton.cdiv(M, ROW_TILE), triton.cdiv(N, blocks["BLOCK_N"] // 2 if gated else blocks["BLOCK_N"]))
     _linear_kernel[grid](
-        flat, flat.stride(0), data, swn, scale, zero, w.bias if w.bias is not None else flat, res, res.stride(0), y,
-        y.stride(0), M, N, rows_out, K=K, HAS_BIAS=w.bias is not None, RESIDUAL=residual is not None, GATED=gated,
+        flat, flat.stride(0), data, swn, scale, w.bias if w.bias is not None else flat, res, res.stride(0), y,
+        y.stride(0), M, N, K=K, HAS_BIAS=w.bias is not None, RESIDUAL=residual is not None, GATED=gated,
         PRECISION=_precision(x), **blocks,
     )
     return y.view(*x.shape[:-1], N)
@@ -276,13 +250,13 @@ def qkv_rotary(x: torch.Tensor, w: Weights, pos: torch.Tensor, inv_freq: torch.T
         raise NotImplementedError(f"the decode kernels need a power-of-two head_dim of at least 16, got {D}")
     flat = x.reshape(B * T, K).contiguous()
     N = (n_heads + 2 * n_kv_heads) * D
-    data, swn, scale, zero = _weight_operands(w, K)
+    data, swn, scale = _weight_operands(w, K)
     blocks = _blocks(w, K)
     blocks["BLOCK_N"] = min(blocks["BLOCK_N"], D)
     q = torch.empty(B * T, n_heads * D, device=x.device, dtype=x.dtype)
     other = mirror if mirror is not None else cache
     _qkv_rotary_kernel[(triton.cdiv(B * T, ROW_TILE), N // blocks["BLOCK_N"])](
-        flat, flat.stride(0), data, swn, scale, zero, w.bias if w.bias is not None else flat,
+        flat, flat.stride(0), data, swn, scale, w.bias if w.bias is not None else flat,
         pos.reshape(-1).contiguous(), inv_freq, q, q.stride(0), T,
         cache.k, cache.v, cache.lengths, *cache.k.stride()[:3], *cache.v.stride()[:3],
         other.k, other.v, other.lengths, *other.k.stride()[:3], *other.v.stride()[:3], B * T, N,

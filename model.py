@@ -5,7 +5,7 @@ Two forwards share the weights:
     prefill(one prompt)  -> fills one row of a KVCache; attention through SDPA (flash on a GPU)
     step(tokens [B, T])  -> runs a few new tokens of every row against the cache, appending their keys/values at
                             each row's own length; fixed shapes, so it can be compiled and captured in a CUDA graph.
-                            On a GPU a layer's step is six Triton kernels (kernels.py), batch-invariant: a token's
+                            On a GPU a layer's step is eight Triton kernels (kernels.py), batch-invariant: a token's
                             logits and keys/values come out bit for bit the same whatever else is in the call.
 """
 from dataclasses import dataclass, field
@@ -101,6 +101,8 @@ class KVCache:
 
 def attend_cache(q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
     """q [B, T, Hq, D] of tokens at slots lengths..lengths+T-1 (already written) -> [B, T, Hq * D], causal."""
+    if q.is_cuda:
+        return kernels.decode_attention(q.flatten(2), cache)
     # The query heads of a KV head become rows of one attention (row = head in group, token), like the GPU kernel:
     # each key is read once, never repeated per query head.
     B, T, Hq, D = q.shape
@@ -193,9 +195,14 @@ class Block(nn.Module):
 
     def forward(self, x, pos, inv_freq, cache: LayerCache, mirror: LayerCache | None = None) -> torch.Tensor:
         """A step: x [B, T, dim] are new tokens at positions pos [B, T], appended to `cache` (and also written to
-        `mirror`, if given). On a GPU, the fused kernels; elsewhere plain PyTorch, the reference they are tested on."""
-        step = self.fused_step if x.is_cuda else self.plain_step
+        `mirror`, if given). On a GPU, the fused kernels where they read every weight (not int4: quant.py);
+        otherwise plain PyTorch, the reference the kernels are tested on."""
+        step = self.fused_step if x.is_cuda and self.fusable() else self.plain_step
         return step(x, pos, inv_freq, cache, mirror)
+
+    def fusable(self) -> bool:
+        return all(kernels.readable(m) for m in (self.attn.qkv, self.attn.o_proj, self.mlp.gate_up,
+                                                 self.mlp.down_proj))
 
     def plain_step(self, x, pos, inv_freq, cache: LayerCache, mirror: LayerCache | None = None) -> torch.Tensor:
         cos, sin = text_rope(pos, inv_freq)
@@ -350,7 +357,7 @@ class Qwen2VL(nn.Module):
         x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers[:n_layers]):
             x = layer_fn(layer, x, pos, inv_freq, cache.layer(i), mirror.layer(i) if mirror is not None else None)
-        if x.is_cuda:
+        if x.is_cuda and kernels.readable(self.lm_head):
             return kernels.linear(kernels.rms_norm(x, self.norm.weight, self.norm.eps), kernels.weights_of(self.lm_head))
         return self.lm_head(self.norm(x))
 

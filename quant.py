@@ -37,46 +37,52 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """Weight-only int4: per group of 128 (or 64, 32) input columns, w ~ (q - 8) * scale + zero with q in 0..15,
-    scale and zero in bfloat16 (the convention of PyTorch's int4 kernels, tinygemm).
+    """Weight-only int4: per group of 128 (or 64, 32) input columns, w ~ (q - 8) * scale + zero with q in 0..15.
 
-    Two values a byte, in the layout kernels.Weights describes: byte i of a group holds column i in its low nibble
-    and column i + group / 2 in its high nibble, so the kernel unpacks a group into two contiguous halves. The same
-    layout on every device: a decode step on a GPU reads it through kernels.py; elsewhere it is dequantized.
+    On a GPU the product is PyTorch's own int4 kernel (tinygemm, `_weight_int4pack_mm`, as gpt-fast uses it), which
+    wants its packed layout and bfloat16 activations. Elsewhere the weight is kept two nibbles a byte and dequantized,
+    so a draft can run in any dtype, float64 included. Both hold the same quantized values.
     """
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         N, K = linear.weight.shape
         self.group = next((g for g in (128, 64, 32) if K % g == 0), None)
-        if self.group is None:
-            raise ValueError(f"int4 needs in_features a multiple of 32 (its groups), got {K}")
+        if self.group is None or N % 8:
+            raise ValueError(f"int4 needs in_features a multiple of 32 (its groups) and out_features a multiple of 8 "
+                             f"(tinygemm's tiles), got {K} and {N}")
         w = linear.weight.float().view(N, K // self.group, self.group)
         lowest, highest = w.amin(dim=-1), w.amax(dim=-1)
         scale = ((highest - lowest) / 15).clamp(min=1e-8)
-        q = ((w - lowest[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
-        low, high = q.chunk(2, dim=-1)  # [N, K / group, group / 2] each
-        self.register_buffer("packed", (low | high << 4).view(N, K // 2))
-        self.register_buffer("scale", scale.t().to(torch.bfloat16).contiguous())  # [K / group, N]
-        self.register_buffer("zero", (lowest + 8 * scale).t().to(torch.bfloat16).contiguous())
+        q = ((w - lowest[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8).view(N, K)
+        pairs = q[:, ::2] << 4 | q[:, 1::2]  # [N, K / 2], the even column in the high nibble
+        self.tinygemm = linear.weight.is_cuda  # the layout is fixed here: the module cannot move between devices
+        if self.tinygemm:
+            inner_k_tiles = next(t for t in (8, 4, 2) if K % (16 * t) == 0)
+            pairs = torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles)
+        self.register_buffer("packed", pairs)
+        zero = lowest + 8 * scale
+        self.register_buffer("scale_and_zero", torch.stack([scale, zero], dim=-1).transpose(0, 1).to(torch.bfloat16)
+                             .contiguous())  # [K / group, N, 2]
         self.bias = linear.bias
 
-    def decode_weights(self) -> Weights:
-        return Weights(self.packed, self.bias, bits=4, scale=self.scale, zero=self.zero, group=self.group)
-
-    def quantized_values(self) -> torch.Tensor:
-        """q [N, K] in 0..15."""
-        N = self.packed.shape[0]
-        halves = self.packed.view(N, -1, self.group // 2)
-        return torch.cat([halves & 0xF, halves >> 4], dim=-1).view(N, -1)
-
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        q = self.quantized_values().to(dtype) - 8
-        q = q.view(q.shape[0], -1, self.group)
-        scale, zero = self.scale.t().to(dtype), self.zero.t().to(dtype)  # [N, K / group] each
+        if self.tinygemm:
+            raise RuntimeError("int4 weights quantized on a GPU are in tinygemm's layout, which only its kernel reads")
+        q = torch.stack([self.packed >> 4, self.packed & 0xF], dim=-1).to(dtype)  # [N, K / 2, 2]
+        q = q.view(q.shape[0], -1, self.group) - 8
+        scale, zero = self.scale_and_zero.to(dtype).transpose(0, 1).unbind(-1)  # [N, K / group] each
         return (q * scale[..., None] + zero[..., None]).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda != self.tinygemm:
+            raise RuntimeError(f"int4 weights were quantized on {'a GPU' if self.tinygemm else 'the CPU'} and cannot "
+                               f"run on {x.device}: quantize the model where it runs")
+        if self.tinygemm:
+            flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+            y = torch.ops.aten._weight_int4pack_mm(flat, self.packed, self.group, self.scale_and_zero)
+            y = y.to(x.dtype).view(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.dequantized(x.dtype), self.bias)
 
 
