@@ -77,7 +77,7 @@ if triton is not None:
         tl.store(Y + row * sym + k, normed * tl.load(Weight + k, mask=k < K, other=0.0), mask=k < K)
 
     @triton.jit
-    def _product(X, sxm, rows, row_ok, W, swn, Scale, cols, col_ok, K: tl.constexpr, BITS: tl.constexpr,
+    def _product(X, sxm, rows, row_ok, W, swn, Scale, cols, col_ok, K, BITS: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
         """float32 [TILE, BLOCK_N]: x[rows] times the weight rows `cols`, summed over K in order, BLOCK_K at a time.
 
@@ -95,8 +95,8 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _linear_kernel(X, sxm, W, swn, Scale, Bias, Res, srm, Y, sym, M, N,
-                       K: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _linear_kernel(X, sxm, W, swn, Scale, Bias, Res, srm, Y, sym, M, N, K, BITS: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
         # Row tiles are the fastest program index: the tiles that share a block of the weight run together, so it
         # comes from memory once and from the L2 cache after.
@@ -129,8 +129,8 @@ if triton is not None:
     @triton.jit
     def _qkv_rotary_kernel(X, sxm, W, swn, Scale, Bias, Pos, InvFreq, Q, sqm, T,
                            K1, V1, L1, sk1b, sk1h, sk1s, sv1b, sv1h, sv1s,
-                           K2, V2, L2, sk2b, sk2h, sk2s, sv2b, sv2h, sv2s, M, N,
-                           K: tl.constexpr, N_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           K2, V2, L2, sk2b, sk2h, sk2s, sv2b, sv2h, sv2s, M, N, K,
+                           N_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                            BITS: tl.constexpr, HAS_BIAS: tl.constexpr, MIRROR: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
         # A program holds BLOCK_N / 2 rotary pairs (i, i + HEAD_DIM / 2) of one head, so it can turn them itself.
@@ -226,7 +226,7 @@ def linear(x: torch.Tensor, w: Weights, residual: torch.Tensor | None = None, ga
     grid = (triton.cdiv(M, ROW_TILE), triton.cdiv(N, blocks["BLOCK_N"] // 2 if gated else blocks["BLOCK_N"]))
     _linear_kernel[grid](
         flat, flat.stride(0), data, swn, scale, w.bias if w.bias is not None else flat, res, res.stride(0), y,
-        y.stride(0), M, N, K=K, HAS_BIAS=w.bias is not None, RESIDUAL=residual is not None, GATED=gated,
+        y.stride(0), M, N, K, HAS_BIAS=w.bias is not None, RESIDUAL=residual is not None, GATED=gated,
         PRECISION=_precision(x), **blocks,
     )
     return y.view(*x.shape[:-1], N)
@@ -260,7 +260,7 @@ def qkv_rotary(x: torch.Tensor, w: Weights, pos: torch.Tensor, inv_freq: torch.T
         pos.reshape(-1).contiguous(), inv_freq, q, q.stride(0), T,
         cache.k, cache.v, cache.lengths, *cache.k.stride()[:3], *cache.v.stride()[:3],
         other.k, other.v, other.lengths, *other.k.stride()[:3], *other.v.stride()[:3], B * T, N,
-        K=K, N_HEADS=n_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=D, HAS_BIAS=w.bias is not None,
+        K, N_HEADS=n_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=D, HAS_BIAS=w.bias is not None,
         MIRROR=mirror is not None, PRECISION=_precision(x), **blocks,
     )
     return q.view(B, T, n_heads * D)
@@ -290,8 +290,9 @@ if triton is not None:
         last_t = tl.minimum(tile * ROWS + ROWS - 1, T * GROUP - 1) // GROUP
         start = split * SPLIT
         end = tl.minimum(start + SPLIT, length + last_t + 1)
+        filled = r * 0 + start < end  # per row (a scalar mask won't do): a piece past the filled slots reads nothing
         q = tl.load(Q + (b * T + t)[:, None] * sqm + (h * GROUP + g)[:, None] * HEAD_DIM + d[None, :],
-                    mask=(row_ok & (r * 0 + start < end))[:, None], other=0.0)  # a piece past the filled part reads nothing
+                    mask=(row_ok & filled)[:, None], other=0.0)
         m = tl.full([ROWS], float("-inf"), tl.float32)
         l = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
@@ -322,9 +323,8 @@ if triton is not None:
                       BLOCK_S: tl.constexpr, SPLIT: tl.constexpr):
         # One program: one (sequence, token, query head). Its splits are combined by their log-sum-exp in a fixed
         # order: BLOCK_S at a time, by the same reduction tree; splits past the row's end weigh exactly 0.
-        pid = tl.program_id(0)
-        row = pid  # (b * T + t) * N_HEADS + head
-        b, t, head = pid // (T * N_HEADS), (pid // N_HEADS) % T, pid % N_HEADS
+        row = tl.program_id(0)  # (b * T + t) * N_HEADS + head
+        b, t, head = row // (T * N_HEADS), (row // N_HEADS) % T, row % N_HEADS
         n = tl.cdiv(tl.load(Lengths + b) + t + 1, SPLIT)
         s = tl.arange(0, BLOCK_S)
         d = tl.arange(0, HEAD_DIM)
@@ -359,7 +359,7 @@ def decode_attention(q: torch.Tensor, cache) -> torch.Tensor:
     Hq = width // D
     group = Hq // Hkv
     n_tiles = triton.cdiv(T * group, ATTENTION_ROWS)
-    n_splits = triton.cdiv(S, SPLIT)  # SPLIT and ATTENTION_ROWS are read at each call: fixed for a process
+    n_splits = triton.cdiv(S, SPLIT)
     part = torch.empty(B * T * Hq, n_splits, D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B * T * Hq, n_splits, device=q.device, dtype=torch.float32)
     q = q.contiguous()

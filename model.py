@@ -358,7 +358,8 @@ class Qwen2VL(nn.Module):
         for i, layer in enumerate(self.layers[:n_layers]):
             x = layer_fn(layer, x, pos, inv_freq, cache.layer(i), mirror.layer(i) if mirror is not None else None)
         if x.is_cuda and kernels.readable(self.lm_head):
-            return kernels.linear(kernels.rms_norm(x, self.norm.weight, self.norm.eps), kernels.weights_of(self.lm_head))
+            normed = kernels.rms_norm(x, self.norm.weight, self.norm.eps)
+            return kernels.linear(normed, kernels.weights_of(self.lm_head))
         return self.lm_head(self.norm(x))
 
     def forward(self, inputs) -> torch.Tensor:

@@ -11,7 +11,8 @@ of the text, into a small draft cache. Then rounds of
             to the dense argmax, then the dense model's own next token; both caches roll back past the rest, and
             the draft cache takes the verifier's keys/values of the kept tokens.
 Every emitted token is the dense model's argmax given all tokens before it, so the output is dense greedy decoding
-(in exact arithmetic; test_std.py checks it token for token in float64).
+(in exact arithmetic; test_std.py checks it token for token in float64). On a GPU also in bfloat16: the decode
+kernels are batch-invariant (kernels.py), so a verify pass computes each token bit for bit as a dense step would.
 
 Other drafts (`draft=`), equally lossless since the dense verifier decides every token:
     "topk-int8", "topk-int4"  the top-k draft through weight-only quantized copies of the linear layers (quant.py)

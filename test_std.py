@@ -4,7 +4,7 @@
 2. Numerics: logits and greedy tokens equal those of transformers' Qwen2VLForConditionalGeneration.
 3. Video input: the official resize, sampling and patch order; an mp4 decoded end to end.
 4. Sparse-to-Dense: token-identical to dense greedy decoding (property tests, float64), selection as defined.
-5. The Triton decode kernel against the SDPA path (on a GPU, or in Triton's CPU interpreter).
+5. The Triton decode kernels against the plain path, and batch invariance (on a GPU, or in Triton's CPU interpreter).
 6. bench.py end to end.
 """
 import copy
