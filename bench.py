@@ -633,7 +633,7 @@ def print_steps_report(report, args):
 # ---------------------------------------------------------------------------------------------- measurements
 
 
-MATVEC_KERNELS = ("_linear_kernel", "_qkv_rotary_kernel")  # kernels.py's matrix-vector products
+MATVEC_KERNELS = ("_linear_kernel", "_qkv_rotary_kernel", "tinygemm")  # kernels.py's products, PyTorch's int4
 
 
 def kernel_profile(step, steps_per_call: int, step_ms: float, before) -> dict:
@@ -656,7 +656,7 @@ def kernel_profile(step, steps_per_call: int, step_ms: float, before) -> dict:
             by_name[event.name] = (count + 1, us + event.time_range.elapsed_us())
     per_step = {name: dict(count=count / steps_per_call, ms=us / 1e3 / steps_per_call)
                 for name, (count, us) in sorted(by_name.items(), key=lambda item: -item[1][1])}
-    matvec = sum(k["ms"] for name, k in per_step.items() if name.startswith(MATVEC_KERNELS))
+    matvec = sum(k["ms"] for name, k in per_step.items() if any(m in name for m in MATVEC_KERNELS))
     busy = sum(k["ms"] for k in per_step.values())
     return dict(kernels=round(sum(k["count"] for k in per_step.values())), step_ms=step_ms, matvec_ms=matvec,
                 other_ms=busy - matvec, gaps_ms=max(0.0, step_ms - busy), by_kernel=per_step)
