@@ -56,10 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                    + " (default: qwen2-vl-7b on a GPU of over 40 GB, qwen2-vl-2b on a smaller one, tiny on the CPU)")
     p.add_argument("--question", default="Describe what happens in this video.", help="asked about the video")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens each decode may emit")
-    p.add_argument("--k", type=int, default=1024, help="prunable positions kept per layer and KV head")
+    p.add_argument("--k", type=int, default=1024, help="prunable positions kept per layer and KV head (sibling: "
+                   "per prompt)")
     p.add_argument("--gamma", type=int, default=6, help="tokens drafted per verification")
     p.add_argument("--draft", choices=std.DRAFTS, help="draft kind (default: topk); with --documents, measure only "
                    "this kind's configurations")
+    p.add_argument("--draft-model", help="checkpoint directory or preset of a smaller model of the same family: "
+                   "drafts for --draft sibling (implied), and is timed by --steps")
     p.add_argument("--fps", type=float, default=vision.FPS, help="frames sampled per second of video")
     p.add_argument("--max-frames", type=int, default=vision.MAX_FRAMES, help="at most this many frames per video: "
                    "a longer video is sampled more sparsely")
@@ -123,6 +126,14 @@ def parse_args(argv=None):
         p.error("--reselect compares top-k drafts: leave out --draft")
     if args.show_selection and args.draft == "layerskip":
         p.error("--show-selection draws what a pruning draft keeps; draft 'layerskip' keeps every token")
+    if args.draft_model and args.draft not in (None, "sibling"):
+        p.error(f"--draft-model drafts for --draft sibling, not --draft {args.draft}")
+    if args.draft_model and (args.documents or args.kernels):
+        p.error("--draft-model goes with the video mode and --steps")
+    if args.draft == "sibling" and not args.draft_model:
+        p.error("--draft sibling drafts with a smaller model of the same family: give --draft-model")
+    if args.draft_model and args.show_selection:
+        p.error("--show-selection draws the per-layer choice of a top-k draft, not the sibling's")
     if args.show_selection and not args.show_selection.lower().endswith(".png"):
         p.error(f"--show-selection writes a PNG file, got {args.show_selection!r}")
     for path in [*(args.video or ()), *(args.documents or ()), *(args.step_times or ()),
@@ -132,7 +143,7 @@ def parse_args(argv=None):
     if args.json and not Path(args.json).resolve().parent.is_dir():
         p.error(f"--json: no folder {Path(args.json).parent} to write into")
     if args.draft is None and not args.documents:
-        args.draft = "topk"
+        args.draft = "sibling" if args.draft_model else "topk"
     return args
 
 
@@ -158,24 +169,38 @@ def video_mode(args, config, device, dtype):
                            time.perf_counter() - start)
             print(f"  {len(frames)} frames of {frames.shape[2]}x{frames.shape[1]}, {grid[0, 0]} frame pairs of "
                   f"{grid[0, 1]}x{grid[0, 2]} patches ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+        if args.draft == "sibling":
+            merge = config.vision.spatial_merge_size ** 2
+            for path, clip in clips.items():
+                visual = int(clip[2].prod()) // merge
+                if args.k > visual:
+                    raise ValueError(f"--k {args.k} is more than the {visual} visual tokens of {path}: the sibling "
+                                     "keeps k of them")
         model, processor = load_model(args, device, dtype)
+        draft_model = load_model(argparse.Namespace(model=args.draft_model), device, dtype)[0] \
+            if args.draft_model else None
         if processor is None:
             print(f"{args.model} has no tokenizer: --question is ignored, the prompt's text is random token ids, and "
                   "outputs are shown as token ids", file=sys.stderr)
         prompts = [video_prompt(clips[videos[b % len(videos)]], processor, model.config, args.question, seed=b)
                    for b in range(args.batch)]
-        return run_video(args, model, processor, device, videos, clips, prompts)
+        return run_video(args, model, processor, device, videos, clips, prompts, draft_model)
 
 
-def run_video(args, model, processor, device, videos, clips, prompts):
+def run_video(args, model, processor, device, videos, clips, prompts, draft_model=None):
     batch = [inputs for inputs, _ in prompts]
     bandwidth = read_bandwidth(device)
     report = dict(device=describe(device), model=args.model, random_weights=args.model in load.PRESETS, runs=[],
                   read_bandwidth=bandwidth)
+    if draft_model is not None:
+        report.update(draft_model=args.draft_model, draft_model_bytes=sum(t.nbytes for t in draft_model.parameters()),
+                      draft_model_step_bytes=weight_bytes(draft_model))
     k = None if args.draft == "layerskip" else args.k  # an early exit keeps the whole cache
     configs = [(k, args.gamma)]
     if args.sweep and k is not None:
-        configs += [(k, g) for k in (256, 512, 1024, 2048, 4096) for g in (2, 4, 6, 9) if (k, g) != configs[0]]
+        most = min(int(model.visual_mask(x.input_ids).sum()) for x in batch) if args.draft == "sibling" else None
+        configs += [(k, g) for k in (256, 512, 1024, 2048, 4096) for g in (2, 4, 6, 9)
+                    if (k, g) != configs[0] and (most is None or k <= most)]
     room = std.cache_room(args.max_new_tokens, max(g for _, g in configs))
 
     print(f"vision encoder and prefill of {sum(len(x.input_ids) for x in batch)} prompt tokens ...", file=sys.stderr)
@@ -184,7 +209,8 @@ def run_video(args, model, processor, device, videos, clips, prompts):
     if device.type == "cuda":
         print("compiling the decode steps and capturing their CUDA graphs (a warm-up decode) ...", file=sys.stderr)
         std.decode(p, min(4, args.max_new_tokens))
-        std.decode(p, min(2 * args.gamma + 2, args.max_new_tokens), k=k, gamma=args.gamma, draft=args.draft)
+        std.decode(p, min(2 * args.gamma + 2, args.max_new_tokens), k=k, gamma=args.gamma, draft=args.draft,
+                   draft_model=draft_model)
 
     alone = None
     if args.batch > 1:  # the reference: each prompt decoded on its own
@@ -194,7 +220,8 @@ def run_video(args, model, processor, device, videos, clips, prompts):
     dense, dense_peak = timed_decode(p, device, args.max_new_tokens)
     for k, gamma in configs:
         print(f"Sparse-to-Dense, draft {args.draft}, k={k}, gamma={gamma} ...", file=sys.stderr)
-        sparse, sparse_peak = timed_decode(p, device, args.max_new_tokens, k=k, gamma=gamma, draft=args.draft)
+        sparse, sparse_peak = timed_decode(p, device, args.max_new_tokens, k=k, gamma=gamma, draft=args.draft,
+                                           draft_model=draft_model)
         for b, (inputs, video) in enumerate(prompts):
             reference = alone[b] if alone else dense[b]
             verdict, index, margin = first_difference(model, inputs, reference.tokens, sparse[b].tokens)
@@ -344,6 +371,9 @@ def print_video_report(report, args):
               " method.\n!! The projection rows show what these step times give at a per-token acceptance.\n"
               + "!" * 100)
     print(f"\n{report['device']}, model {report['model']}, read bandwidth {report['read_bandwidth'] / 1e12:.2f} TB/s")
+    if "draft_model" in report:
+        print(f"draft model {report['draft_model']}: {fmt_gb(report['draft_model_bytes'])} of weights beside the "
+              f"model's (a draft step reads {fmt_gb(report['draft_model_step_bytes'])})")
     rows = [("frames", "frames", "{}"), ("visual tokens", "visual_tokens", "{}"), ("context", "context", "{}"),
             ("video decode s", "video_decode_s", "{:.2f}"), ("vision encoder s", "vision_s", "{:.2f}"),
             ("prefill s", "prefill_s", "{:.2f}"), ("selection s", "select_s", "{:.3f}"),
@@ -524,7 +554,7 @@ def transformers_config(c):
 # ---------------------------------------------------------------------------------------------- steps mode
 
 
-def steps_mode(args, model, device, contexts):
+def steps_mode(args, model, device, contexts, draft_model=None):
     """Time one dense step, one draft step of each kind and one verify step per gamma on synthetic caches.
 
     Each step is what decoding runs (a CUDA graph of compiled layers on a GPU). The verify step is the same for every
@@ -538,7 +568,8 @@ def steps_mode(args, model, device, contexts):
     B, text, reps = args.batch, 64, 30 if compiled else 3  # the draft keeps k prunable positions + 64 text tokens
     gammas = sorted({2, 4, 6, 8, args.gamma})
     report = dict(device=describe(device), model=args.model, read_bandwidth=bandwidth, weight_bytes=weights,
-                  kv_bytes_per_token=per_token, batch=B, k=args.k, draft_text_tokens=text, rows=[])
+                  kv_bytes_per_token=per_token, batch=B, k=args.k, draft_text_tokens=text, rows=[],
+                  draft_model=args.draft_model)
     for context in contexts:
         print(f"context {context}: {'capturing and ' if compiled else ''}timing the steps ...", file=sys.stderr)
         room = std.cache_room(0, max(gammas))
@@ -556,7 +587,7 @@ def steps_mode(args, model, device, contexts):
         def timed(fn, *caches_and_lengths):
             return median_ms(fn, reps, before=reset_to(*caches_and_lengths))
 
-        state = std.DecodeState([0] * B, [context] * B, max(gammas), device)
+        state = std.DecodeState([0] * B, [0] * B, [context] * B, max(gammas), device)
         dense_step = std.make_steps(model, dense, None, state, 1, compiled)["dense"]
         dense_ms = timed(dense_step, (dense, context))
         floor_ms = 1e3 * (weights + per_token * context * B) / bandwidth
@@ -567,23 +598,30 @@ def steps_mode(args, model, device, contexts):
             row["profiles"]["dense"] = kernel_profile(dense_step, 1, dense_ms, reset_to((dense, context)))
         topk = std.Drafter(model, topk_cache)
         for gamma in gammas:
-            s = std.DecodeState([0] * B, [context] * B, gamma, device)
+            s = std.DecodeState([0] * B, [0] * B, [context] * B, gamma, device)
             verify = std.make_steps(model, dense, topk, s, gamma, compiled)["verify"]
             row["verify_ms"][gamma] = timed(verify, (dense, context), (topk_cache, args.k + text))
             if compiled and gamma == args.gamma:
                 row["profiles"]["verify"] = kernel_profile(verify, 1, row["verify_ms"][gamma], reset_to(
                     (dense, context), (topk_cache, args.k + text)))
         half = model.config.n_layers // 2
-        for kind in ("topk", "topk-int8", "topk-int4", "layerskip"):
+        for kind in ("topk", "topk-int8", "topk-int4", "layerskip") + (("sibling",) if draft_model else ()):
             if kind == "layerskip":
                 drafter = std.Drafter(model, dense.first_layers(half), n_layers=half, mirror=False)
                 floor_bytes, extra = (weights + per_token * context * B) * half / model.config.n_layers, 0
+            elif kind == "sibling":  # over k video tokens and the text, as the top-k drafts
+                sibling_cache = draft_model.new_cache(B, args.k + text + room)
+                for t in sibling_cache.k + sibling_cache.v:
+                    t.normal_()
+                drafter = std.Drafter(draft_model, sibling_cache, mirror=False, sibling=True)
+                floor_bytes = weight_bytes(draft_model)
+                extra = sum(t.nbytes for t in draft_model.parameters()) + sibling_cache.nbytes()
             else:  # one quantized copy at a time: a large model has no room for both beside its caches
                 drafter = topk if kind == "topk" else std.Drafter(
                     quant.quantized_copy(model, std.QUANTIZED_BITS[kind]), topk_cache)
                 floor_bytes = weight_bytes(drafter.model)
                 extra = sum(b.nbytes for b in drafter.model.buffers()) if drafter is not topk else 0
-            s = std.DecodeState([0] * B, [context] * B, args.gamma, device)
+            s = std.DecodeState([0] * B, [0] * B, [context] * B, args.gamma, device)
             step = std.make_steps(model, dense, drafter, s, args.gamma, compiled)["draft"]
             length = context if kind == "layerskip" else args.k + text
             draft_ms = timed(step, (drafter.cache, length), (dense, context)) / args.gamma
@@ -622,7 +660,8 @@ def print_steps_report(report, args):
             print(f"{head} | {kind:>10} {d['draft_ms']:>8.2f} {d['floor_ms']:>9.2f} {ratio:>7.2f} | "
                   + " ".join(f"{d['projected'][str(a)][g]:>5.2f}x" for a in ACCEPTANCES))
     print("floors: bytes a step must read / read bandwidth. dense: weights + cache; top-k drafts: their weights "
-          "(the small cache aside); layerskip: half the weights and half the cache")
+          "(the small cache aside); layerskip: half the weights and half the cache"
+          + (f"; sibling ({report['draft_model']}): its weights" if report["draft_model"] else ""))
     for row in report["rows"]:
         for step, p in row["profiles"].items():
             print(f"{row['context']:>8} {step:>10}: {p['kernels']:>4} kernels a step, matrix-vector products "
@@ -966,6 +1005,14 @@ def main(argv=None):
         except ImportError:
             sys.exit("bench.py: --transformers needs transformers (pip install transformers)")
     config = load.read_config(args.model)  # a bad checkpoint fails here, before any weight is read
+    if args.draft_model:
+        std.check_sibling(config, load.read_config(args.draft_model))
+        tokenizers = [load.checkpoint_dir(name) / "tokenizer.json" for name in (args.model, args.draft_model)
+                      if name not in load.PRESETS and name != load.DEMO_PRESET]
+        if len(tokenizers) == 2 and all(t.exists() for t in tokenizers) and \
+                tokenizers[0].read_bytes() != tokenizers[1].read_bytes():
+            sys.exit(f"bench.py: {args.model} and {args.draft_model} have different tokenizers: a sibling must share "
+                     "the model's")
     if args.kernels and (device.type != "cuda" or dtype != torch.bfloat16):
         sys.exit("bench.py: --kernels times GPU kernels on bfloat16 activations: it needs a GPU and no --dtype")
     if args.documents and (args.model in load.PRESETS
@@ -978,7 +1025,9 @@ def main(argv=None):
         if args.kernels:
             report = kernels_mode(args, model, device)
         elif args.steps:
-            report = steps_mode(args, model, device, args.steps)
+            draft_model = load_model(argparse.Namespace(model=args.draft_model), device, dtype)[0] \
+                if args.draft_model else None
+            report = steps_mode(args, model, device, args.steps, draft_model)
         else:
             report = documents_mode(args, model, processor, device)
     else:

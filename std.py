@@ -18,6 +18,9 @@ Other drafts (`draft=`), equally lossless since the dense verifier decides every
     "topk-int8", "topk-int4"  the top-k draft through weight-only quantized copies of the linear layers (quant.py)
     "streaming"               the first 4 and the last k-4 prunable positions instead of the top k (StreamingLLM)
     "layerskip"               the first `exit_layer` layers with the full cache, then the final norm and head
+    "sibling"                 a smaller model of the same family (`draft_model=`) over k of the video tokens, chosen
+                              by the dense model's attention (SpecVLM, Ji et al., EMNLP 2025): a draft that reads a
+                              fraction of the weights
 
 On a GPU the dense step, the gamma draft steps and the verify step are each one CUDA graph over torch.compile'd
 layers: a round is two graph launches and one small read back to the host.
@@ -49,10 +52,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-DRAFTS = ("topk", "topk-int8", "topk-int4", "streaming", "layerskip")
-SCORED = ("topk", "topk-int8", "topk-int4")  # the drafts that choose their positions by attention
+DRAFTS = ("topk", "topk-int8", "topk-int4", "streaming", "layerskip", "sibling")
+SCORED = ("topk", "topk-int8", "topk-int4", "sibling")  # the drafts that choose their positions by attention
 QUANTIZED_BITS = {"topk-int8": 8, "topk-int4": 4}
 STREAMING_SINKS = 4  # StreamingLLM keeps the first 4 tokens: they soak up attention whatever they hold
+SIBLING_MASS = 0.4  # SpecVLM's Stage I: the most attended prunable positions until they hold this share of attention
+SIBLING_SHARE = 0.1  # the sibling's budget when k is not given: this share of each prompt's prunable positions
 
 
 @dataclass
@@ -88,14 +93,17 @@ class Result:
 
 
 def generate(model, inputs, max_new_tokens: int, k: int | None = None, gamma: int = 6, prunable=None,
-             draft: str | None = None, exit_layer: int | None = None, compiled: bool | None = None):
+             draft: str | None = None, exit_layer: int | None = None, compiled: bool | None = None,
+             draft_model=None):
     """Greedy decoding; with `k`, Sparse-to-Dense (the same tokens, drafted cheaply and verified densely).
 
     inputs: an object with input_ids [L], pixel_values, grid_thw (see load.Inputs), or a list of them (a batch).
-    k: prunable positions kept per layer and KV head in the draft cache (None: plain dense decoding).
+    k: prunable positions kept per layer and KV head in the draft cache (None: plain dense decoding); for
+       draft="sibling", per prompt, and None keeps SIBLING_SHARE of them.
     gamma: tokens drafted per verification.
     prunable: bool mask [L] of the prompt positions the draft may drop (default: the visual tokens), or a list.
-    draft: one of DRAFTS (default "topk" when k is given); "layerskip" takes exit_layer (default: half the layers).
+    draft: one of DRAFTS (default "topk" when k is given); "layerskip" takes exit_layer (default: half the layers);
+        "sibling" takes draft_model, a smaller model of the same family and tokenizer.
     compiled: torch.compile + CUDA graphs for the decode steps (default: on a GPU).
     Returns a Result (a list of them for a list of inputs), tokens stopping at the first stop token.
 
@@ -104,10 +112,10 @@ def generate(model, inputs, max_new_tokens: int, k: int | None = None, gamma: in
     after them scores them). Pass k=None to decode such prompts densely.
     """
     positive_int("max_new_tokens", max_new_tokens)
-    draft, _ = check_draft(model, k, gamma, draft, exit_layer)
+    draft, _ = check_draft(model, k, gamma, draft, exit_layer, draft_model)
     room = cache_room(max_new_tokens, gamma if draft else None)
     p = prefill(model, inputs, room, prunable, score=draft in SCORED)
-    results = decode(p, max_new_tokens, k, gamma, draft, exit_layer, compiled)
+    results = decode(p, max_new_tokens, k, gamma, draft, exit_layer, compiled, draft_model)
     return results if isinstance(inputs, (list, tuple)) else results[0]
 
 
@@ -116,6 +124,8 @@ class Prefill:
     """A batch of prompts after prefill: any number of decodes (dense, or any draft, k and gamma) start from it."""
 
     model: object
+    inputs: list  # the prompts
+    positions: list[torch.Tensor]  # per prompt, its M-RoPE positions [3, L]
     dense: object  # the KV cache; row b holds prompt b, and each decode starts over from the prompts
     lengths: list[int]
     prunable: list[torch.Tensor]  # per prompt, bool [L]
@@ -149,7 +159,7 @@ def prefill(model, inputs, room: int, prunable=None, score: bool = True, quantiz
         t1 = clock.mark()
         lengths = [embeds.shape[0] for embeds, _ in prompts]
         dense = model.new_cache(len(batch), max(lengths) + room)
-        first, next_pos, queries, query_rows = [], [], [], []
+        first, next_pos, queries, query_rows, positions = [], [], [], [], []
         for row, ((embeds, pos), mask) in enumerate(zip(prompts, masks)):
             rows = None
             if score:  # the text after the first prunable position scores the prunable positions
@@ -157,23 +167,24 @@ def prefill(model, inputs, room: int, prunable=None, score: bool = True, quantiz
             hidden, q = model.prefill(embeds, pos, dense, row, rows)
             first.append(int(model.lm_head(hidden[-1]).argmax()))
             next_pos.append(int(pos.max()) + 1)
+            positions.append(pos)
             queries.append(q)
             query_rows.append(rows)
         dense.lengths.copy_(torch.tensor(lengths))
         clock.add("vision", t0, t1)
         clock.add("prefill", t1, clock.mark())
         times = clock.totals()
-    return Prefill(model, dense, lengths, masks, first, next_pos, queries if score else None,
+    return Prefill(model, batch, positions, dense, lengths, masks, first, next_pos, queries if score else None,
                    query_rows if score else None, times["vision"], times["prefill"],
                    {} if quantized is None else quantized)
 
 
 def decode(p: Prefill, max_new_tokens: int, k: int | None = None, gamma: int = 6, draft: str | None = None,
-           exit_layer: int | None = None, compiled: bool | None = None) -> list[Result]:
+           exit_layer: int | None = None, compiled: bool | None = None, draft_model=None) -> list[Result]:
     """Decode every prompt of `p` greedily: densely, or drafting with `draft` (see generate)."""
     model = p.model
     positive_int("max_new_tokens", max_new_tokens)
-    draft, exit_layer = check_draft(model, k, gamma, draft, exit_layer)
+    draft, exit_layer = check_draft(model, k, gamma, draft, exit_layer, draft_model)
     if draft in SCORED and p.queries is None:
         raise ValueError("this prefill kept no text queries (score=False): top-k selection needs them")
     room = cache_room(max_new_tokens, gamma if draft else None)
@@ -182,14 +193,19 @@ def decode(p: Prefill, max_new_tokens: int, k: int | None = None, gamma: int = 6
                          f"{room}")
     if draft not in (None, "layerskip") and not all(mask.any() for mask in p.prunable):
         raise ValueError(f"draft={draft!r} prunes, and a prompt has no prunable positions: pass prunable=, or k=None")
+    if draft == "sibling" and k is not None:
+        for row, mask in enumerate(p.prunable):
+            if k > int(mask.sum()):
+                raise ValueError(f"k={k} is more than the {int(mask.sum())} prunable positions of prompt {row}: the "
+                                 "sibling draft keeps k of them (k=None keeps a tenth)")
     compiled = model.device.type == "cuda" if compiled is None else compiled
     if compiled and model.device.type != "cuda":
         raise ValueError("compiled=True captures CUDA graphs and needs the model on a GPU")
     with torch.inference_mode():
-        return decode_rounds(p, max_new_tokens, k, gamma, draft, exit_layer, compiled)
+        return decode_rounds(p, max_new_tokens, k, gamma, draft, exit_layer, compiled, draft_model)
 
 
-def decode_rounds(p: Prefill, max_new_tokens, k, gamma, draft, exit_layer, compiled) -> list[Result]:
+def decode_rounds(p: Prefill, max_new_tokens, k, gamma, draft, exit_layer, compiled, draft_model) -> list[Result]:
     """The decode loop: a dense step per token, or a round of drafts and one verification, until every sequence
     has stopped. One small tensor is read back to the host per round: the tokens it emitted."""
     model, dense, device = p.model, p.dense, p.model.device
@@ -203,11 +219,11 @@ def decode_rounds(p: Prefill, max_new_tokens, k, gamma, draft, exit_layer, compi
         p.quantized[QUANTIZED_BITS[draft]] = quant.quantized_copy(model, QUANTIZED_BITS[draft])
     if draft is not None:
         t0 = clock.mark()
-        drafter = build_drafter(p, draft, k, exit_layer, cache_room(max_new_tokens, gamma))
+        drafter = build_drafter(p, draft, k, exit_layer, cache_room(max_new_tokens, gamma), draft_model)
         clock.add("select", t0, clock.mark())
 
     results = [Result([token], Stats(vision_s=p.vision_s, prefill_s=p.prefill_s)) for token in p.first]
-    state = DecodeState(p.first, p.next_pos, gamma, device)
+    state = DecodeState(p.first, [int(x.input_ids[-1]) for x in p.inputs], p.next_pos, gamma, device)
     for row, token in enumerate(p.first):
         if token in stops or max_new_tokens == 1:
             state.active[row] = False
@@ -265,17 +281,23 @@ def decode_rounds(p: Prefill, max_new_tokens, k, gamma, draft, exit_layer, compi
 class Drafter:
     """What drafts: which weights, over which cache, through how many layers."""
 
-    model: object  # the model itself, or a copy with quantized linear layers
+    model: object  # the model itself, a copy with quantized linear layers, or a sibling model
     cache: object
     n_layers: int | None = None  # layerskip exits early
     mirror: bool = True  # verify writes its keys/values into `cache` too (not when it is the dense cache's view)
+    # A sibling model computes its own keys/values, so the verifier's cannot be mirrored into its cache. Its cache ends
+    # one token earlier instead, before the last accepted token, and each round's first draft step runs that token
+    # again with the newest: when every draft was accepted, the last of them had never been through the sibling.
+    sibling: bool = False
 
 
-def build_drafter(p: Prefill, draft: str, k, exit_layer, room) -> Drafter:
+def build_drafter(p: Prefill, draft: str, k, exit_layer, room, draft_model=None) -> Drafter:
     """The drafter of every sequence of `p`; `room` is the space its cache needs past the kept prompt positions."""
     model = p.model
     if draft == "layerskip":
         return Drafter(model, p.dense.first_layers(exit_layer), n_layers=exit_layer, mirror=False)
+    if draft == "sibling":
+        return sibling_drafter(p, draft_model, k, room)
     kept = [kept_positions(p, row, draft, k) for row in range(len(p.lengths))]
     sizes = [kept_row[0].shape[1] + int((~mask).sum()) for kept_row, mask in zip(kept, p.prunable)]
     cache = model.new_cache(len(p.lengths), max(sizes) + room)
@@ -325,6 +347,50 @@ def top_positions(scores: torch.Tensor, prunable: torch.Tensor, k: int) -> torch
     return ranked[:, :n]
 
 
+def sibling_drafter(p: Prefill, draft_model, k: int | None, room: int) -> Drafter:
+    """The sibling model prefilled on each prompt with only the kept prunable positions (and all the rest).
+
+    Its own vision tower encodes the same pixels; the kept tokens keep the positions the dense model gives them, not
+    positions renumbered 0, 1, 2, ... over the shorter prompt. With M-RoPE a video token's position is its (frame,
+    row, column), and the text after the video continues from the largest of them: renumbering would show the
+    sibling a different video layout and shift the text, and its drafts would follow a model nobody trained.
+    """
+    prompts = []
+    for row, (inputs, mask, pos) in enumerate(zip(p.inputs, p.prunable, p.positions)):
+        scores = sum(layer.sum(0) for layer in score_prompt(p.queries[row], p.dense, row, p.query_rows[row],
+                                                            p.lengths[row]))
+        budget = k if k is not None else max(1, int(SIBLING_SHARE * int(mask.sum())))
+        last = torch.tensor([len(mask) - 1], device=mask.device)  # always: the first draft step runs it again
+        kept = torch.cat([sibling_positions(scores, mask, budget), (~mask).nonzero().flatten(), last]).unique()
+        embeds, _ = draft_model.embed(inputs)
+        prompts.append((embeds[kept], pos[:, kept]))
+    cache = draft_model.new_cache(len(prompts), max(e.shape[0] for e, _ in prompts) + room)
+    for row, (embeds, pos) in enumerate(prompts):
+        draft_model.prefill(embeds, pos, cache, row)
+    cache.lengths.copy_(torch.tensor([e.shape[0] - 1 for e, _ in prompts]))  # before the prompt's last token
+    return Drafter(draft_model, cache, mirror=False, sibling=True)
+
+
+def sibling_positions(scores: torch.Tensor, prunable: torch.Tensor, k: int, mass: float = SIBLING_MASS):
+    """SpecVLM's selection of k prunable positions, sorted. scores [L]: the attention each position gets.
+
+    Stage I: the best-scored positions (ties to the earlier), until they hold `mass` of the prunable positions'
+    attention; at most k.
+    Stage II: the rest of the budget, m picks evenly spaced over the n positions Stage I left, in prompt order (for a
+    video, frame by frame in raster order): pick i is the floor(i (n - 1) / (m - 1))-th. SpecVLM computes these
+    with torch.linspace in floating point, which truncates to one less now and then; here they are exact.
+    """
+    candidates = prunable.nonzero().flatten()
+    ranked = scores[candidates].sort(descending=True, stable=True)
+    held = ranked.values.cumsum(0)
+    n_attended = min(k, int((held < mass * held[-1]).sum()) + 1)
+    attended = candidates[ranked.indices[:n_attended]]
+    rest = candidates[~torch.isin(candidates, attended)]
+    m = k - n_attended
+    spaced = rest[torch.arange(m, device=rest.device) * (len(rest) - 1) // max(m - 1, 1)]
+    return torch.cat([attended, spaced]).sort().values
+
+
 def streaming_positions(prunable: torch.Tensor, k: int) -> torch.Tensor:
     """The first few prunable positions (attention sinks) and the most recent rest of the budget."""
     positions = prunable.nonzero().flatten()
@@ -351,9 +417,10 @@ def fill_draft_row(draft_cache, dense, row: int, kept: list[torch.Tensor], alway
 class DecodeState:
     """What decoding carries between steps, in persistent tensors so that each step can be one CUDA graph."""
 
-    def __init__(self, first: list[int], next_pos: list[int], gamma: int, device):
+    def __init__(self, first: list[int], prompt_last: list[int], next_pos: list[int], gamma: int, device):
         B = len(first)
         self.last = torch.tensor(first, device=device)  # [B] newest token, not yet in any cache
+        self.prev = torch.tensor(prompt_last, device=device)  # [B] the token before it (see Drafter.sibling)
         self.pos = torch.tensor(next_pos, device=device)  # [B] its M-RoPE position (text: same on all axes)
         self.active = torch.ones(B, dtype=torch.bool, device=device)  # finished sequences stop moving
         self.drafts = torch.zeros(B, gamma, dtype=torch.long, device=device)
@@ -369,14 +436,19 @@ def dense_step(model, dense, s: DecodeState, layer_fn) -> torch.Tensor:
 
 
 def draft_steps(drafter: Drafter, s: DecodeState, gamma: int, layer_fn) -> None:
-    token = s.last
+    tokens, positions = s.last[:, None], s.pos[:, None]
+    if drafter.sibling:  # the token before too (see Drafter); a token the sibling's vocabulary lacks becomes its last
+        tokens = torch.stack([s.prev, s.last], dim=1).clamp(max=drafter.model.config.vocab_size - 1)
+        positions = s.pos[:, None] + torch.arange(-1, 1, device=s.pos.device)
     for i in range(gamma):
-        logits = drafter.model.step(token[:, None], (s.pos + i)[:, None], drafter.cache, drafter.n_layers,
-                                    layer_fn=layer_fn)
-        token = logits[:, 0].argmax(-1)
-        drafter.cache.lengths += 1
+        logits = drafter.model.step(tokens, positions, drafter.cache, drafter.n_layers, layer_fn=layer_fn)
+        token = logits[:, -1].argmax(-1)
+        drafter.cache.lengths += tokens.shape[1]
         s.drafts[:, i] = token
-    drafter.cache.lengths -= gamma  # the verify step rewrites these slots with the dense model's keys/values
+        tokens, positions = token[:, None], positions[:, -1:] + 1
+    # Back to where the round began: the verify step keeps what it accepts (and rewrites these slots with the dense
+    # model's keys/values, unless the drafter is a sibling).
+    drafter.cache.lengths -= gamma + drafter.sibling
 
 
 def verify_step(model, dense, drafter: Drafter, s: DecodeState, gamma: int, layer_fn) -> torch.Tensor:
@@ -390,6 +462,7 @@ def verify_step(model, dense, drafter: Drafter, s: DecodeState, gamma: int, laye
     dense.lengths += step
     drafter.cache.lengths += step
     s.pos += step
+    s.prev.copy_(torch.where(s.active, tokens.gather(1, accepted[:, None])[:, 0], s.prev))  # the last accepted
     s.last.copy_(torch.where(s.active, following, s.last))
     s.report[:, :gamma] = s.drafts
     s.report[:, gamma] = accepted
@@ -414,7 +487,8 @@ def make_steps(model, dense, drafter: Drafter | None, state: DecodeState, gamma:
     for cache in caches:
         for t in cache.k + cache.v:
             torch._dynamo.mark_dynamic(t, 2)  # one compiled layer serves every cache capacity
-    persistent = [dense.lengths, state.last, state.pos] + ([drafter.cache.lengths] if drafter is not None else [])
+    persistent = [dense.lengths, state.last, state.prev, state.pos] + (
+        [drafter.cache.lengths] if drafter is not None else [])
     pool = torch.cuda.graph_pool_handle()
     # One compiled entry per (rows, batch, layer kind): sweeps over gamma and batch need more than the default 8.
     with torch._dynamo.config.patch(recompile_limit=64):
@@ -488,17 +562,31 @@ def positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def check_draft(model, k, gamma, draft, exit_layer):
+def check_draft(model, k, gamma, draft, exit_layer, draft_model=None):
     """Check the decoding arguments; -> (draft kind, or None for dense decoding; exit_layer)."""
     positive_int("gamma", gamma)
     if draft is None:
         draft = "topk" if k is not None else None
+    if draft_model is not None and draft != "sibling":
+        raise ValueError(f"draft_model is for draft='sibling', not draft={draft!r}")
     if draft is None:
         if exit_layer is not None:
             raise ValueError("exit_layer is for draft='layerskip'")
         return None, None
     if draft not in DRAFTS:
         raise ValueError(f"draft must be one of {', '.join(DRAFTS)}; got {draft!r}")
+    if draft == "sibling":
+        if exit_layer is not None:
+            raise ValueError("exit_layer is for draft='layerskip'")
+        if k is not None:
+            positive_int("k", k)
+        if draft_model is None:
+            raise ValueError("draft='sibling' drafts with a smaller model of the same family: pass draft_model=")
+        check_sibling(model.config, draft_model.config)
+        if draft_model.device != model.device or draft_model.dtype != model.dtype:
+            raise ValueError(f"the draft model is on {draft_model.device} in {draft_model.dtype}, the model on "
+                             f"{model.device} in {model.dtype}")
+        return draft, None
     if draft != "layerskip":
         if k is None:
             raise ValueError(f"draft={draft!r} needs k, the prunable positions it keeps")
@@ -513,6 +601,22 @@ def check_draft(model, k, gamma, draft, exit_layer):
     if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or not 1 <= exit_layer < n:
         raise ValueError(f"exit_layer must be an int in [1, {n}), got {exit_layer!r}")
     return draft, exit_layer
+
+
+def check_sibling(config, draft_config) -> None:
+    """A sibling drafts for a model only if it reads the same prompts: same family, same special tokens, a vocabulary
+    that is a prefix of the model's (Qwen2-VL-2B has 151,936 logits, 7B 152,064: the ids past 2B's are padding)."""
+    if config.vision.model_type != draft_config.vision.model_type:
+        raise ValueError(f"the draft model is {draft_config.vision.model_type}, the model {config.vision.model_type}: "
+                         "a sibling must be of the same family")
+    special = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "stop_token_ids")
+    differ = [f"{name} {getattr(draft_config, name)} != {getattr(config, name)}" for name in special
+              if getattr(draft_config, name) != getattr(config, name)]
+    if differ:
+        raise ValueError("the draft model's special tokens differ from the model's: " + ", ".join(differ))
+    if draft_config.vocab_size > config.vocab_size:
+        raise ValueError(f"the draft model has {draft_config.vocab_size} logits, the model {config.vocab_size}: its "
+                         "drafts could be ids the model lacks")
 
 
 def prunable_masks(model, batch, prunable, need_text_after: bool) -> list[torch.Tensor]:

@@ -456,12 +456,12 @@ VIDEO, VSTART, VEND, STOP = 91, 92, 93, 95
 
 
 def tiny_model(seed: int, layers: int, kv_heads: int, group: int, head_dim: int, sections, dtype=torch.float64,
-               family: str = "qwen2_vl"):
+               family: str = "qwen2_vl", vocab: int = VOCAB):
     dim = kv_heads * group * head_dim
     vision = (VisionConfig(depth=1, embed_dim=16, num_heads=2, mlp_ratio=2, hidden_size=dim) if family == "qwen2_vl"
               else VisionConfig(model_type="qwen2_5_vl", depth=2, embed_dim=16, num_heads=2, intermediate_size=24,
                                 hidden_size=dim, window_size=56, full_attention_blocks=(1,), tokens_per_second=2))
-    config = ModelConfig(vocab_size=VOCAB, dim=dim, n_layers=layers, n_heads=kv_heads * group, n_kv_heads=kv_heads,
+    config = ModelConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=kv_heads * group, n_kv_heads=kv_heads,
                          intermediate_size=64, rope_theta=10000.0, mrope_section=tuple(sections), image_token_id=90,
                          video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND,
                          stop_token_ids=(STOP,), vision=vision)
@@ -526,7 +526,8 @@ def test_sparse_to_dense_equals_dense_greedy(s):
 
 @settings(max_examples=int(os.environ.get("STD_EXAMPLES", 60)) // 2, deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
-@given(scenarios(), st.sampled_from(std.DRAFTS), st.sampled_from(["qwen2_vl", "qwen2_5_vl"]))
+@given(scenarios(), st.sampled_from([d for d in std.DRAFTS if d != "sibling"]),  # the sibling has a test of its own
+       st.sampled_from(["qwen2_vl", "qwen2_5_vl"]))
 def test_every_draft_kind_equals_dense_greedy(s, draft, family):
     s["model"].update(head_dim=16, group=2, sections=(4, 2, 2))  # int4 packing needs widths in multiples of 32
     model = tiny_model(**s["model"], family=family)
@@ -569,6 +570,130 @@ def test_batched_sparse_to_dense_equals_dense_decoding_of_each_prompt_alone(b, f
     assert [r.tokens for r in std.generate(model, batch, b["max_new_tokens"])] == alone
     for r in together:
         assert len(r.tokens) == 1 + r.stats.accepted + r.stats.rounds
+
+
+@settings(max_examples=int(os.environ.get("STD_EXAMPLES", 60)) // 2, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(batches(), st.sampled_from(["qwen2_vl", "qwen2_5_vl"]), st.data())
+def test_a_sibling_draft_equals_dense_greedy(b, family, data):
+    """A smaller model of the same family drafts: other widths, depths, heads and weights, and a vocabulary that is a
+    prefix of the model's (the model may emit ids the sibling lacks). Ragged batches, random k and prunable masks."""
+    draw = data.draw
+    model = tiny_model(b["seed"], layers=draw(st.integers(1, 3)), kv_heads=2, group=2, head_dim=16,
+                       sections=(4, 2, 2), family=family, vocab=VOCAB + draw(st.integers(0, 8)))
+    sibling = tiny_model(b["seed"] + 1, layers=draw(st.integers(1, 2)), kv_heads=1, group=draw(st.integers(1, 3)),
+                         head_dim=8, sections=(2, 1, 1), family=family)
+    rng = np.random.default_rng(b["seed"])
+    batch = [video_inputs(rng, p["before"], p["after"], p["grid"]) for p in b["prompts"]]
+    masks = None
+    if draw(st.booleans()):  # a span of the prompt instead of the video: a long document, say
+        masks = []
+        for inputs in batch:
+            L = len(inputs.input_ids)
+            start = draw(st.integers(0, L - 3))
+            end = draw(st.integers(start + 1, L - 2))  # text after it; the prompt's last token prunable too
+            masks.append((torch.arange(L) >= start) & (torch.arange(L) < end) | (torch.arange(L) == L - 1))
+    least = min(int((m if masks else model.visual_mask(x.input_ids)).sum()) for x, m in zip(batch, masks or batch))
+    k = draw(st.none() | st.integers(1, least))
+    force_stop(model, batch[0], b["stop_at"])
+    sibling.config.stop_token_ids = model.config.stop_token_ids
+    alone = [std.generate(model, inputs, b["max_new_tokens"]).tokens for inputs in batch]
+    drafted = std.generate(model, batch, b["max_new_tokens"], k=k, gamma=b["gamma"], prunable=masks,
+                           draft="sibling", draft_model=sibling)
+    assert [r.tokens for r in drafted] == alone
+    for r in drafted:
+        assert len(r.tokens) == 1 + r.stats.accepted + r.stats.rounds
+        assert 0 <= r.stats.accepted <= r.stats.drafted <= b["gamma"] * r.stats.rounds
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(0, 2**16), st.integers(1, 9))
+def test_a_sibling_that_is_the_model_keeping_every_visual_token_accepts_every_draft(seed, gamma):
+    """Its cache stays in step with the model's through every round, also those where every draft is accepted."""
+    model = tiny_model(seed, layers=2, kv_heads=2, group=2, head_dim=8, sections=(1, 1, 2))
+    model.config.stop_token_ids = ()
+    inputs = video_inputs(np.random.default_rng(seed), 3, 4, (2, 4, 6))
+    result = std.generate(model, inputs, 40, k=12, gamma=gamma, draft="sibling", draft_model=model)
+    assert result.stats.accepted == result.stats.drafted > 0
+    assert result.tokens == std.generate(model, inputs, 40).tokens
+
+
+def test_a_sibling_lacking_ids_the_model_emits_still_drafts_losslessly():
+    model = tiny_model(5, layers=2, kv_heads=2, group=2, head_dim=16, sections=(4, 2, 2), vocab=VOCAB + 8)
+    model.lm_head.weight.data[VOCAB:] *= 3  # the ids past the sibling's vocabulary win often
+    model.config.stop_token_ids = ()
+    sibling = tiny_model(6, layers=1, kv_heads=1, group=2, head_dim=8, sections=(2, 1, 1))
+    sibling.config.stop_token_ids = ()
+    inputs = video_inputs(np.random.default_rng(5), 3, 4, (2, 4, 6))
+    dense = std.generate(model, inputs, 40).tokens
+    assert any(token >= VOCAB for token in dense)
+    assert std.generate(model, inputs, 40, k=4, gamma=3, draft="sibling", draft_model=sibling).tokens == dense
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_sibling_selection_is_stage_one_then_stage_two(data):
+    """Against a plain re-reading of SpecVLM's rule, ties in the scores included."""
+    draw = data.draw
+    L = draw(st.integers(1, 60))
+    prunable = torch.tensor(draw(st.lists(st.booleans(), min_size=L, max_size=L)))
+    if not prunable.any():
+        prunable[draw(st.integers(0, L - 1))] = True
+    scores = torch.tensor(draw(st.lists(st.integers(0, 6), min_size=L, max_size=L)), dtype=torch.float64) / 8
+    candidates = prunable.nonzero().flatten().tolist()
+    k = draw(st.integers(1, len(candidates)))
+    mass = draw(st.floats(0.05, 1.0))
+
+    total, held, attended = sum(scores[i] for i in candidates), 0.0, []
+    for i in sorted(candidates, key=lambda i: (-scores[i], i)):  # best first, ties to the earlier
+        if len(attended) == k or (attended and held >= mass * total):
+            break
+        attended.append(i)
+        held += scores[i]
+    rest = [i for i in candidates if i not in attended]
+    m = k - len(attended)
+    spaced = [rest[j * (len(rest) - 1) // max(m - 1, 1)] for j in range(m)]
+    assert std.sibling_positions(scores, prunable, k, mass).tolist() == sorted(attended + spaced)
+
+
+def test_the_sibling_sees_the_kept_tokens_at_the_models_own_positions(monkeypatch):
+    """Not renumbered over the shorter prompt: each kept token at the M-RoPE position the dense model gave it."""
+    model = tiny_model(3, layers=2, kv_heads=2, group=2, head_dim=16, sections=(4, 2, 2))
+    sibling = tiny_model(4, layers=1, kv_heads=1, group=2, head_dim=8, sections=(2, 1, 1))
+    inputs = video_inputs(np.random.default_rng(3), 3, 5, (3, 4, 6))
+    seen = []
+    original = sibling.prefill
+    monkeypatch.setattr(sibling, "prefill", lambda embeds, pos, *a, **kw: seen.append(pos) or original(
+        embeds, pos, *a, **kw))
+    p = std.prefill(model, inputs, std.cache_room(8, 3))
+    std.build_drafter(p, "sibling", 5, None, std.cache_room(8, 3), sibling)
+    mask = p.prunable[0]
+    scores = sum(layer.sum(0) for layer in std.score_prompt(p.queries[0], p.dense, 0, p.query_rows[0], p.lengths[0]))
+    kept = torch.cat([std.sibling_positions(scores, mask, 5), (~mask).nonzero().flatten()]).sort().values
+    assert len(kept) == int((~mask).sum()) + 5
+    assert torch.equal(seen[0], p.positions[0][:, kept])
+    assert not torch.equal(seen[0], torch.arange(len(kept)).expand(3, -1))  # what a renumbering would give
+
+
+def test_sibling_arguments_fail_clearly():
+    model = tiny_model(0, layers=1, kv_heads=1, group=2, head_dim=8, sections=(2, 1, 1))
+    sibling = tiny_model(1, layers=1, kv_heads=1, group=1, head_dim=8, sections=(2, 1, 1))
+    inputs = video_inputs(np.random.default_rng(0), 2, 2, (1, 4, 4))  # 4 visual tokens
+    with pytest.raises(ValueError, match="pass draft_model="):
+        std.generate(model, inputs, 8, k=2, draft="sibling")
+    with pytest.raises(ValueError, match="draft_model is for draft='sibling', not draft='topk'"):
+        std.generate(model, inputs, 8, k=2, draft_model=sibling)
+    with pytest.raises(ValueError, match="k=5 is more than the 4 prunable positions of prompt 0"):
+        std.generate(model, inputs, 8, k=5, draft="sibling", draft_model=sibling)
+    other = tiny_model(1, layers=1, kv_heads=1, group=1, head_dim=16, sections=(4, 2, 2), family="qwen2_5_vl")
+    with pytest.raises(ValueError, match="the draft model is qwen2_5_vl, the model qwen2_vl"):
+        std.generate(model, inputs, 8, draft="sibling", draft_model=other)
+    sibling.config.stop_token_ids = (94,)
+    with pytest.raises(ValueError, match=r"special tokens differ .*stop_token_ids \(94,\) != \(95,\)"):
+        std.generate(model, inputs, 8, draft="sibling", draft_model=sibling)
+    larger = tiny_model(1, layers=1, kv_heads=1, group=1, head_dim=8, sections=(2, 1, 1), vocab=VOCAB + 1)
+    with pytest.raises(ValueError, match="97 logits, the model 96"):
+        std.generate(model, inputs, 8, draft="sibling", draft_model=larger)
 
 
 @settings(max_examples=15, deadline=None)
@@ -745,8 +870,10 @@ def test_cuda_graphs_decode_the_eager_tokens(draft):
     rng = np.random.default_rng(11)
     batch = [video_inputs(rng, 3, 5, (2, 4, 6)), video_inputs(rng, 1, 9, (1, 6, 4))]
     k = None if draft in (None, "layerskip") else 5
-    eager = std.generate(model, batch, 40, k=k, gamma=5, draft=draft, compiled=False)
-    graphed = std.generate(model, batch, 40, k=k, gamma=5, draft=draft, compiled=True)
+    kw = dict(draft_model=tiny_model(12, layers=1, kv_heads=1, group=2, head_dim=16, sections=(4, 2, 2),
+                                     dtype=torch.float32).cuda()) if draft == "sibling" else {}
+    eager = std.generate(model, batch, 40, k=k, gamma=5, draft=draft, compiled=False, **kw)
+    graphed = std.generate(model, batch, 40, k=k, gamma=5, draft=draft, compiled=True, **kw)
     assert [r.tokens for r in graphed] == [r.tokens for r in eager]
     assert [r.stats.accepted for r in graphed] == [r.stats.accepted for r in eager]
 
@@ -939,6 +1066,26 @@ def test_bench_runs_end_to_end_on_the_cpu(tmp_path):
     assert ((pixels[:, 0] > 200) & (pixels[:, 1] > 100) & (pixels[:, 2] < 120)).any()  # some cells are lit orange
 
 
+def test_bench_drafts_with_a_sibling_model_and_times_its_step(tmp_path):
+    """--draft-model: the video mode decodes with it (its weights reported), --steps times its draft step; a k past
+    the video's tokens and a sibling of another family are refused before any weight loads."""
+    run = bench("--max-new-tokens", "10", "--k", "6", "--gamma", "3", "--clip-seconds", "2", "--draft-model", "tiny",
+                "--json", tmp_path / "video.json", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "video.json").read_text())
+    assert report["runs"][0]["draft"] == "sibling" and report["runs"][0]["match"]
+    assert report["draft_model_bytes"] > 0 and "draft model tiny:" in run.stdout
+    run = bench("--steps", "512", "--k", "32", "--draft-model", "tiny", "--json", tmp_path / "steps.json",
+                cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "sibling" in json.loads((tmp_path / "steps.json").read_text())["rows"][0]["drafts"]
+    run = bench("--k", "100000", "--clip-seconds", "2", "--draft-model", "tiny", cwd=tmp_path)
+    assert run.returncode != 0 and "more than the" in run.stderr and "loading" not in run.stderr
+    run = bench("--model", "qwen2.5-vl-3b", "--draft-model", "tiny", cwd=tmp_path)
+    assert run.returncode != 0 and "a sibling must be of the same family" in run.stderr
+    assert "loading" not in run.stderr
+
+
 def test_bench_reports_bad_input_in_one_line(tmp_path):
     (tmp_path / "bad.mp4").write_text("not a video")
     (tmp_path / "model").mkdir()
@@ -966,6 +1113,10 @@ def test_bench_reports_bad_input_in_one_line(tmp_path):
     (["--show-selection", "kept.png", "--draft", "layerskip"], "keeps every token"),
     (["--model", "smollm2"], "takes text, not video"),
     (["--json", "no/such/folder/report.json"], "--json: no folder no/such/folder to write into"),
+    (["--draft", "topk", "--draft-model", "tiny"], "--draft-model drafts for --draft sibling, not --draft topk"),
+    (["--draft", "sibling"], "give --draft-model"),
+    (["--documents", "README.md", "--draft-model", "tiny"], "--draft-model goes with the video mode and --steps"),
+    (["--draft-model", "tiny", "--show-selection", "kept.png"], "not the sibling's"),
 ])
 def test_bench_refuses_bad_flags(argv, message, capsys):
     import bench as bench_lib
