@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import load
 import std
+import tp
 import vision
 from load import Inputs
 
@@ -134,6 +135,12 @@ def parse_args(argv=None):
         p.error("--draft sibling drafts with a smaller model of the same family: give --draft-model")
     if args.draft_model and args.show_selection:
         p.error("--show-selection draws the per-layer choice of a top-k draft, not the sibling's")
+    if tp.launched():
+        one_process = [flag for flag, given in (("--kernels", args.kernels), ("--documents", args.documents),
+                                                ("--transformers", args.transformers),
+                                                ("--show-selection", args.show_selection)) if given]
+        if one_process:
+            p.error(f"{' and '.join(one_process)} run in one process, not under torchrun")
     if args.show_selection and not args.show_selection.lower().endswith(".png"):
         p.error(f"--show-selection writes a PNG file, got {args.show_selection!r}")
     for path in [*(args.video or ()), *(args.documents or ()), *(args.step_times or ()),
@@ -230,7 +237,8 @@ def run_video(args, model, processor, device, videos, clips, prompts, draft_mode
             entry.update(sequence=b, batch=args.batch, draft=args.draft, match=index is None, verdict=verdict,
                          first_difference=index, margin=margin, dense_peak_bytes=dense_peak,
                          std_peak_bytes=sparse_peak, keeps_all=k is not None and k >= entry["visual_tokens"],
-                         dense_text=output_text(processor, dense[b].tokens))
+                         dense_text=output_text(processor, dense[b].tokens), dense_token_ids=reference.tokens,
+                         std_token_ids=sparse[b].tokens)
             report["runs"].append(entry)
     if args.transformers:
         report["transformers"] = transformers_times(args, model, batch[0], device)
@@ -251,9 +259,10 @@ def run_video(args, model, processor, device, videos, clips, prompts, draft_mode
 
 
 def load_model(args, device, dtype):
+    """The model (under torchrun, this rank's part of it: tp.py) and its processor."""
     print(f"loading {args.model} on {device} ({str(dtype).removeprefix('torch.')}) ...", file=sys.stderr)
     start = time.perf_counter()
-    model, processor = load.load(args.model, device=device, dtype=dtype)
+    model, processor = load.load(args.model, device=device, dtype=dtype, shard=getattr(args, "tp", None))
     print(f"  {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return model, processor
 
@@ -370,7 +379,8 @@ def print_video_report(report, args):
         print("\n" + "!" * 100 + "\n!! RANDOM WEIGHTS: times are real, acceptance and outputs are not a property of the"
               " method.\n!! The projection rows show what these step times give at a per-token acceptance.\n"
               + "!" * 100)
-    print(f"\n{report['device']}, model {report['model']}, read bandwidth {report['read_bandwidth'] / 1e12:.2f} TB/s")
+    print(f"\n{report['device']}, model {report['model']}, read bandwidth {report['read_bandwidth'] / 1e12:.2f} TB/s"
+          + (f", tensor parallel over {args.tp[1]} processes (this table: rank 0's times)" if args.tp else ""))
     if "draft_model" in report:
         print(f"draft model {report['draft_model']}: {fmt_gb(report['draft_model_bytes'])} of weights beside the "
               f"model's (a draft step reads {fmt_gb(report['draft_model_step_bytes'])})")
@@ -644,7 +654,9 @@ def steps_mode(args, model, device, contexts, draft_model=None):
 
 def print_steps_report(report, args):
     print(f"\n{report['device']}, model {report['model']} (random weights), batch {report['batch']}, "
-          f"read bandwidth {report['read_bandwidth'] / 1e12:.2f} TB/s, weights {report['weight_bytes'] / 1e9:.2f} GB, "
+          + (f"tensor parallel over {args.tp[1]} processes (per-rank floors), " if args.tp else "")
+          + f"read bandwidth {report['read_bandwidth'] / 1e12:.2f} TB/s, "
+          f"weights {report['weight_bytes'] / 1e9:.2f} GB, "
           f"draft cache k={report['k']} + {report['draft_text_tokens']} text")
     g = args.gamma
     print(f"{'context':>8} {'dense ms':>9} {'floor ms':>9} {'floor %':>8} {f'verify(g={g})':>12} {'/dense':>7} | "
@@ -738,8 +750,9 @@ def weight_bytes(model) -> int:
 
 
 def kv_bytes_per_token(model) -> int:
+    """Of this process's cache: under torchrun, a rank's KV heads."""
     c = model.config
-    return 2 * c.n_layers * c.n_kv_heads * c.head_dim * model.dtype.itemsize
+    return 2 * c.n_layers * model.layers[0].attn.n_kv_heads * c.head_dim * model.dtype.itemsize
 
 
 def expected_tokens(alpha: float, gamma: int) -> float:
@@ -994,7 +1007,10 @@ def kernels_mode(args, model, device):
 def main(argv=None):
     args = parse_args(argv)
     warnings.formatwarning = lambda message, *_: f"note: {message}\n"  # a library's notice, shown as one line
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.tp = tp.init() if tp.launched() else None  # (rank, world): every rank runs all of this, rank 0 reports
+    if args.tp and args.tp[0] != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+    device = tp.device() if args.tp else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.model is None:
         big = device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory > 40e9
         args.model = "qwen2-vl-7b" if big else "qwen2-vl-2b" if device.type == "cuda" else "tiny"
@@ -1033,10 +1049,13 @@ def main(argv=None):
     else:
         report = video_mode(args, config, device, dtype)
     report["dtype"] = str(dtype).removeprefix("torch.")
+    report["tp"] = args.tp[1] if args.tp else 1
     report["command"] = " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:]))
     report["date"] = time.strftime("%Y-%m-%d")
-    if args.json:
+    if args.json and not (args.tp and args.tp[0] != 0):
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    if args.tp:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

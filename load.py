@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import tp
 from model import ModelConfig, Qwen2VL, RMSNorm
 from vision import (FPS, MAX_FRAMES, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VisionConfig, VisionTransformer,
                     load_frames, preprocess)
@@ -182,18 +183,38 @@ def shard_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
 
 
-def empty_model(config: ModelConfig, device, dtype) -> Qwen2VL:
-    """Allocate without initialising: every parameter is about to be overwritten."""
+def empty_model(config: ModelConfig, device, dtype, shard: tuple[int, int] | None = None) -> Qwen2VL:
+    """Allocate without initialising: every parameter is about to be overwritten. shard=(rank, world): only this
+    rank's part of the decoder layers (tp.py), never the whole."""
     with torch.device("meta"):
         model = Qwen2VL(config).to(dtype)
+        if shard is not None:
+            tp.shard(model, *shard)
     model = model.to_empty(device=device)
     if config.tie_embeddings:  # materialising unties shared parameters
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval().requires_grad_(False)
 
 
+def rank_part(param_name: str, tensor: torch.Tensor, rows: slice | None, parts: dict):
+    """The piece of `tensor` (which fills `rows` of parameter `param_name` of the whole model, or all of it) that a
+    tensor-parallel rank keeps (parts: tp.plan), and the rows of the rank's parameter it fills."""
+    key = param_name.split(".", 2)[-1].rsplit(".", 1)[0]  # "layers.3.attn.qkv.weight" -> "attn.qkv"
+    if not param_name.startswith("layers.") or key not in parts:
+        return tensor, rows
+    keep_rows, keep_columns = parts[key]
+    if keep_columns is not None:
+        return tensor[:, keep_columns.to(tensor.device)], rows
+    start = 0 if rows is None else rows.start
+    inside = (keep_rows >= start) & (keep_rows < start + tensor.shape[0])
+    at = inside.nonzero().flatten()  # contiguous: a rank's rows of each q, k, v, gate and up are
+    return tensor[(keep_rows[inside] - start).to(tensor.device)], slice(int(at[0]), int(at[-1]) + 1)
+
+
 @torch.no_grad()
-def load_weights(model: Qwen2VL, path: Path, device, dtype) -> None:
+def load_weights(model: Qwen2VL, path: Path, device, dtype, shard: tuple[int, int] | None = None) -> None:
+    """Fill `model` (built by empty_model, with the same `shard`) from a checkpoint, one tensor at a time."""
+    parts = tp.plan(model.config, *shard) if shard is not None else {}
     names = checkpoint_names(model.config)
     params = dict(model.named_parameters(remove_duplicate=False))
     seen, files, start = set(), shard_files(path), time.time()
@@ -205,6 +226,7 @@ def load_weights(model: Qwen2VL, path: Path, device, dtype) -> None:
             if name not in names:
                 raise ValueError(f"{file.name}: unexpected tensor {raw_name!r} for this config")
             param_name, rows = names[name]
+            tensor, rows = rank_part(param_name, tensor, rows, parts)
             target = params[param_name] if rows is None else params[param_name][rows]
             if tensor.shape != target.shape:
                 raise ValueError(f"{file.name}: tensor {raw_name!r} has shape {list(tensor.shape)}, "
@@ -233,17 +255,28 @@ def read_tensors(file: Path, device):
         raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
-def random_model(config: ModelConfig, device="cpu", dtype=torch.float32, seed: int = 0, std: float = 0.02) -> Qwen2VL:
-    """Random weights generated on `device`: for timing (time does not depend on the values) and for tests."""
-    model = empty_model(config, device, dtype)
+def random_model(config: ModelConfig, device="cpu", dtype=torch.float32, seed: int = 0, std: float = 0.02,
+                 shard: tuple[int, int] | None = None) -> Qwen2VL:
+    """Random weights generated on `device`: for timing (time does not depend on the values) and for tests.
+
+    shard=(rank, world): this rank's part (tp.py) of the same weights; each whole tensor exists one at a time.
+    """
+    model = empty_model(config, device, dtype, shard)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    parts = tp.plan(config, *shard) if shard is not None else {}
     gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.device("meta"):
+        whole = Qwen2VL(config)  # the names and shapes, in the order the generator fills them
     with torch.no_grad():
-        for module in model.modules():
+        for module_name, module in whole.named_modules():
             for name, p in module.named_parameters(recurse=False):
+                param_name = f"{module_name}.{name}" if module_name else name
                 if isinstance(module, (RMSNorm, nn.LayerNorm)):
-                    p.fill_(1.0 if name == "weight" else 0.0)
-                else:
-                    p.normal_(0.0, std, generator=gen)
+                    params[param_name].fill_(1.0 if name == "weight" else 0.0)
+                    continue
+                values = torch.empty(p.shape, device=device, dtype=dtype).normal_(0.0, std, generator=gen)
+                piece, rows = rank_part(param_name, values, None, parts)
+                (params[param_name] if rows is None else params[param_name][rows]).copy_(piece)
     return model
 
 
@@ -325,18 +358,20 @@ def read_config(path_or_preset) -> ModelConfig:
     return parse_config(read_json(path / "config.json"), read_json(generation) if generation.exists() else None)
 
 
-def load(path_or_preset: str, device="cpu", dtype=torch.float32) -> tuple[Qwen2VL, Processor | None]:
+def load(path_or_preset: str, device="cpu", dtype=torch.float32,
+         shard: tuple[int, int] | None = None) -> tuple[Qwen2VL, Processor | None]:
     """A checkpoint directory or a preset name -> (model, processor). The processor is None without tokenizer.json.
 
     The random-weight presets (PRESETS) have no tokenizer; DEMO_PRESET is a real, trained text model (see
-    smollm2_checkpoint).
+    smollm2_checkpoint). shard=(rank, world): only this tensor-parallel rank's part of the decoder layers (tp.py),
+    read one checkpoint tensor at a time; the same as tp.shard of the whole model.
     """
     if str(path_or_preset) in PRESETS:
-        return random_model(PRESETS[str(path_or_preset)], device, dtype), None
+        return random_model(PRESETS[str(path_or_preset)], device, dtype, shard=shard), None
     path = checkpoint_dir(path_or_preset)
     config = read_config(path)
-    model = empty_model(config, device, dtype)
-    load_weights(model, path, device, dtype)
+    model = empty_model(config, device, dtype, shard)
+    load_weights(model, path, device, dtype, shard)
     if not (path / "tokenizer.json").exists():
         warnings.warn(f"no tokenizer.json in {path}: the processor is None, bring your own token ids")
         return model, None

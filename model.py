@@ -186,6 +186,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    # Tensor parallel (tp.py): adds the ranks' partial sums of the output and down projections.
+    partial_sums = None
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.input_norm = RMSNorm(config.dim, config.norm_eps)
@@ -206,8 +209,11 @@ class Block(nn.Module):
 
     def plain_step(self, x, pos, inv_freq, cache: LayerCache, mirror: LayerCache | None = None) -> torch.Tensor:
         cos, sin = text_rope(pos, inv_freq)
-        x = x + self.attn(self.input_norm(x), cos, sin, cache, mirror)
-        return x + self.mlp(self.post_attention_norm(x))
+        x = x + self.summed(self.attn(self.input_norm(x), cos, sin, cache, mirror))
+        return x + self.summed(self.mlp(self.post_attention_norm(x)))
+
+    def summed(self, h: torch.Tensor) -> torch.Tensor:
+        return h if self.partial_sums is None else self.partial_sums(h)
 
     def fused_step(self, x, pos, inv_freq, cache: LayerCache, mirror: LayerCache | None = None) -> torch.Tensor:
         """The same step as eight kernels: rotary embedding and the cache writes, the residuals and the SiLU gate in
@@ -216,17 +222,22 @@ class Block(nn.Module):
         h = kernels.rms_norm(x, self.input_norm.weight, self.input_norm.eps)
         q = kernels.qkv_rotary(h, kernels.weights_of(attn.qkv), pos, inv_freq, attn.n_heads, attn.n_kv_heads, cache,
                                mirror)
-        x = kernels.linear(kernels.decode_attention(q, cache), kernels.weights_of(attn.o_proj), residual=x)
+        x = self.plus(x, kernels.decode_attention(q, cache), attn.o_proj)
         h = kernels.rms_norm(x, self.post_attention_norm.weight, self.post_attention_norm.eps)
-        return kernels.linear(kernels.gated_linear(h, kernels.weights_of(mlp.gate_up)),
-                              kernels.weights_of(mlp.down_proj), residual=x)
+        return self.plus(x, kernels.gated_linear(h, kernels.weights_of(mlp.gate_up)), mlp.down_proj)
+
+    def plus(self, x: torch.Tensor, h: torch.Tensor, linear) -> torch.Tensor:
+        """x + linear(h), the residual in the product's epilogue; tensor parallel, after the ranks' sum."""
+        if self.partial_sums is None:
+            return kernels.linear(h, kernels.weights_of(linear), residual=x)
+        return x + self.partial_sums(kernels.linear(h, kernels.weights_of(linear)))
 
     def prefill(self, x, cos, sin, k_cache, v_cache, row: int, query_rows):
         h, queries = self.attn.prefill(self.input_norm(x), cos, sin, k_cache, v_cache, row, query_rows)
-        x = x + h
+        x = x + self.summed(h)
         # The MLP's intermediate activations are the largest of a long prompt: run it a chunk of tokens at a time.
         chunks = x.split(PREFILL_MLP_CHUNK, dim=1)
-        return torch.cat([c + self.mlp(self.post_attention_norm(c)) for c in chunks], dim=1), queries
+        return torch.cat([c + self.summed(self.mlp(self.post_attention_norm(c))) for c in chunks], dim=1), queries
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -267,6 +278,8 @@ def rope_index(input_ids: torch.Tensor, grid_thw: torch.Tensor | None, visual_to
 
 
 class Qwen2VL(nn.Module):
+    partial_sums = None  # tensor parallel (tp.py): the sum of a tensor over the ranks
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -287,8 +300,9 @@ class Qwen2VL(nn.Module):
         return self.embed_tokens.weight.dtype
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
-        c = self.config
-        return KVCache.zeros(c.n_layers, batch, c.n_kv_heads, capacity, c.head_dim, self.dtype, self.device)
+        c = self.config  # the layers' own KV heads: a tensor-parallel rank holds some of them
+        return KVCache.zeros(c.n_layers, batch, self.layers[0].attn.n_kv_heads, capacity, c.head_dim, self.dtype,
+                             self.device)
 
     def inv_freq(self) -> torch.Tensor:
         """[D / 2] rotary frequencies, in float32 or better."""

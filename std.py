@@ -29,7 +29,8 @@ This file reads top-down: generate, prefill, decode and the round loop; how a dr
 steps (dense, draft, verify); then the plumbing (CUDA graphs, timing, argument checks).
 
 What it needs from a model (model.Qwen2VL has all of it; another model with the same can be plugged in):
-    model.config                .n_layers, .n_kv_heads, .stop_token_ids
+    model.config                .n_layers, .stop_token_ids
+    model.partial_sums          None, or (tensor parallel) the sum of a tensor over the ranks
     model.device
     model.embed(inputs)         -> embeddings [L, dim], positions [3, L] (M-RoPE's t, h, w axes)
     model.visual_mask(ids [L])  -> bool [L]: the positions pruned unless `prunable=` says otherwise
@@ -311,7 +312,7 @@ def kept_positions(p: Prefill, row: int, draft: str, k: int) -> list[torch.Tenso
     """Per layer, [Hkv, min(k, n_prunable)]: the prunable positions of sequence `row` that its draft cache keeps."""
     mask, config = p.prunable[row], p.model.config
     if draft == "streaming":
-        return [streaming_positions(mask, k).expand(config.n_kv_heads, -1)] * config.n_layers
+        return [streaming_positions(mask, k).expand(p.dense.k[0].shape[1], -1)] * config.n_layers  # the cache's heads
     scores = score_prompt(p.queries[row], p.dense, row, p.query_rows[row], p.lengths[row])
     return [top_positions(s, mask, k) for s in scores]
 
@@ -359,6 +360,8 @@ def sibling_drafter(p: Prefill, draft_model, k: int | None, room: int) -> Drafte
     for row, (inputs, mask, pos) in enumerate(zip(p.inputs, p.prunable, p.positions)):
         scores = sum(layer.sum(0) for layer in score_prompt(p.queries[row], p.dense, row, p.query_rows[row],
                                                             p.lengths[row]))
+        if p.model.partial_sums is not None:  # tensor parallel: every rank's heads score, every rank keeps the same
+            scores = p.model.partial_sums(scores)
         budget = k if k is not None else max(1, int(SIBLING_SHARE * int(mask.sum())))
         last = torch.tensor([len(mask) - 1], device=mask.device)  # always: the first draft step runs it again
         kept = torch.cat([sibling_positions(scores, mask, budget), (~mask).nonzero().flatten(), last]).unique()

@@ -1021,6 +1021,85 @@ def test_a_verify_pass_equals_one_token_steps_bit_for_bit(bits):
                 assert torch.equal(a[row], b[0]), (dtype, row)
 
 
+# ---------------------------------------------------------------------------------------------- tensor parallel
+
+
+def tensor_parallel_scenario():
+    """A float64 model whose 2 KV heads and 64 MLP columns two ranks share, a sibling for it, two prompts."""
+    model = tiny_model(21, layers=2, kv_heads=2, group=2, head_dim=16, sections=(4, 2, 2))
+    sibling = tiny_model(22, layers=1, kv_heads=1, group=2, head_dim=8, sections=(2, 1, 1))
+    rng = np.random.default_rng(21)
+    return model, sibling, [video_inputs(rng, 3, 5, (2, 4, 6)), video_inputs(rng, 1, 7, (1, 6, 4))]
+
+
+def decode_every_way(model, sibling, batch) -> dict:
+    out = {}
+    for draft in (None, *std.DRAFTS):
+        k = None if draft in (None, "layerskip") else 3
+        extra = dict(draft_model=sibling) if draft == "sibling" else {}
+        out[str(draft)] = [r.tokens for r in std.generate(model, batch, 24, k=k, gamma=3, draft=draft, **extra)]
+    return out
+
+
+def tensor_parallel_worker(rank, world, init_file, out):
+    import torch.distributed as dist
+
+    import tp
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, sibling, batch = tensor_parallel_scenario()
+        tp.shard(model, rank, world)
+        logits = model(batch[0])
+        tokens = decode_every_way(model, sibling, batch)
+        if rank == 0:
+            torch.save(dict(logits=logits, tokens=tokens, kv_heads=model.new_cache(1, 8).k[0].shape[1]), out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tensor_parallel_decodes_as_one_process(tmp_path):
+    """Two CPU processes (gloo), each with half of every layer: the logits of one process, and for every draft kind
+    the tokens of one process's dense greedy decoding."""
+    torch.multiprocessing.spawn(tensor_parallel_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out.pt")),
+                                nprocs=2)
+    shared = torch.load(tmp_path / "out.pt")
+    model, sibling, batch = tensor_parallel_scenario()
+    logits = model(batch[0])
+    assert shared["kv_heads"] == 1  # each rank's cache holds its own KV head
+    assert (shared["logits"] - logits).abs().max() < 1e-10 * logits.abs().max()
+    dense = [r.tokens for r in std.generate(model, batch, 24)]
+    assert shared["tokens"] == {draft: dense for draft in shared["tokens"]}
+
+
+def test_a_rank_loads_its_part_alone(checkpoint):
+    """load(..., shard=(rank, world)) reads each checkpoint tensor and keeps this rank's part: what tp.shard keeps of
+    the whole model, biases included, in every layout of both families; and likewise for a random preset."""
+    import tp
+
+    layout, directory, _ = checkpoint
+    for rank in (0, 1):
+        whole, _ = load.load(directory, dtype=torch.float64)
+        tp.shard(whole, rank, 2)
+        part, _ = load.load(directory, dtype=torch.float64, shard=(rank, 2))
+        random_whole = load.random_model(load.PRESETS["tiny"], seed=3)
+        tp.shard(random_whole, rank, 2)
+        random_part = load.random_model(load.PRESETS["tiny"], seed=3, shard=(rank, 2))
+        for a, b in ((whole, part), (random_whole, random_part)):
+            expected, got = a.state_dict(), b.state_dict()
+            assert expected.keys() == got.keys()
+            assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+def test_tensor_parallel_refuses_heads_that_do_not_divide():
+    import tp
+
+    model = tiny_model(0, layers=1, kv_heads=1, group=2, head_dim=8, sections=(2, 1, 1))
+    with pytest.raises(ValueError, match="2 ranks cannot share 1 KV heads"):
+        tp.shard(model, 0, 2)
+
+
 # ---------------------------------------------------------------------------------------------- 6. bench.py
 
 
@@ -1084,6 +1163,23 @@ def test_bench_drafts_with_a_sibling_model_and_times_its_step(tmp_path):
     run = bench("--model", "qwen2.5-vl-3b", "--draft-model", "tiny", cwd=tmp_path)
     assert run.returncode != 0 and "a sibling must be of the same family" in run.stderr
     assert "loading" not in run.stderr
+
+
+def test_bench_under_torchrun_decodes_as_one_process(tmp_path):
+    """torchrun --nproc-per-node 2 bench.py on the CPU (gloo): MATCH, the tensor-parallel size in the table and the
+    report, and the token ids of one process's run, dense and StD."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    argv = [os.path.join(HERE, "bench.py"), "--model", "tiny", "--max-new-tokens", "16", "--clip-seconds", "2"]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *argv,
+                          "--json", tmp_path / "tp.json"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.stderr
+    assert "tensor parallel over 2 processes" in run.stdout and run.stdout.count("MATCH") == 1  # rank 0 alone prints
+    run = bench(*argv[1:], "--json", tmp_path / "one.json", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    shared, one = (json.loads((tmp_path / name).read_text()) for name in ("tp.json", "one.json"))
+    assert (shared["tp"], one["tp"]) == (2, 1) and shared["runs"][0]["match"]
+    for key in ("dense_token_ids", "std_token_ids"):
+        assert shared["runs"][0][key] == one["runs"][0][key]
 
 
 def test_bench_reports_bad_input_in_one_line(tmp_path):
@@ -1240,8 +1336,8 @@ def test_bench_documents_mode_is_lossless_and_projects_from_step_times(tmp_path)
 
 # Each file and the project files it imports (directly or through them): what it takes to copy it into a project.
 # std.py needs none: it takes any model with the contract its docstring states (quantized drafts import quant.py).
-NEIGHBOURS = {"kernels.py": [], "vision.py": [], "std.py": [], "quant.py": ["kernels.py"],
-              "model.py": ["kernels.py", "vision.py"], "load.py": ["model.py", "kernels.py", "vision.py"]}
+NEIGHBOURS = {"kernels.py": [], "vision.py": [], "std.py": [], "tp.py": [], "quant.py": ["kernels.py"],
+              "model.py": ["kernels.py", "vision.py"], "load.py": ["model.py", "kernels.py", "vision.py", "tp.py"]}
 
 
 @pytest.mark.parametrize("name", NEIGHBOURS)
