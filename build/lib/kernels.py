@@ -1,0 +1,374 @@
+"""Triton kernels for the decode steps: a few new tokens against the weights and a long KV cache, at bandwidth.
+
+A decoder layer's step on a GPU is eight launches:
+    q = qkv_rotary(rms_norm(x), ...)     the q/k/v product, rotary embedding; new keys/values into the cache
+    a = decode_attention(q, cache)       split-KV attention over fixed pieces of the cache, then one merge launch
+    x = linear(a, o_proj, residual=x)    the output projection plus the residual
+    h = gated_linear(rms_norm(x), ...)   gate and up, SiLU(gate) * up
+    x = linear(h, down, residual=x)      the down projection plus the residual
+and the head is `linear(rms_norm(x), lm_head)`. Weights come as bfloat16/float32 or int8 (`Weights`).
+
+Batch invariance: a row's arithmetic never depends on the other rows of the call. Rows go through in tiles of
+ROW_TILE whatever their number, every reduction runs in a fixed order over blocks that depend only on the shapes of
+the weights, and attention cuts the cache at fixed absolute slots (every SPLIT slots, whatever the length). So a
+verify pass over gamma + 1 tokens computes each token's logits and keys/values bit for bit as one-token dense steps
+would, and speculative decoding in bfloat16 emits exactly the tokens of bfloat16 dense decoding.
+
+Importing this file needs no Triton; calling a kernel does (it ships with CUDA builds of PyTorch, and runs on the CPU
+under TRITON_INTERPRET=1, which the tests use).
+"""
+from typing import NamedTuple
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: decoding on the CPU needs no Triton, decoding on a GPU does
+    triton = None
+
+ROW_TILE = 16  # rows per program: the smallest tensor-core tile, and the same for every call (batch invariance)
+SPLIT = 1024  # cache slots per attention program, at fixed absolute positions (batch invariance)
+ATTENTION_ROWS = 64  # (token, query head) rows per attention program: a verify pass of 7B's 7-head groups is one tile
+ATTENTION_LAUNCH = dict(BLOCK_N=64, num_warps=4, num_stages=3)  # keys a loop step; tuned on an H200
+MERGE_BLOCK = 64  # attention splits the merge combines at once
+
+
+class Weights(NamedTuple):
+    """A linear layer's weight as the kernels read it: y = x @ w^T (+ bias).
+    bits 16: `data` [N, K] in the activations' dtype.  bits 8: int8 [N, K], w = data * scale[n]."""
+    data: torch.Tensor
+    bias: torch.Tensor | None = None
+    bits: int = 16
+    scale: torch.Tensor | None = None
+
+
+def readable(linear) -> bool:
+    """Whether the kernels read this layer: an nn.Linear, or a module with its own `decode_weights()` (quant.py)."""
+    return isinstance(linear, torch.nn.Linear) or hasattr(linear, "decode_weights")
+
+
+def weights_of(linear) -> Weights:
+    own = getattr(linear, "decode_weights", None)
+    return own() if own is not None else Weights(linear.weight, linear.bias)
+
+
+def needs_triton(x: torch.Tensor) -> None:
+    if triton is None:
+        raise ImportError("decoding on a GPU needs Triton (it ships with CUDA builds of PyTorch)")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"the decode kernels take bfloat16, float16 or float32 activations, got {x.dtype}")
+
+
+# ---------------------------------------------------------------------------------------------- matrix-vector
+
+
+if triton is not None:
+    TILE = tl.constexpr(ROW_TILE)
+
+    @triton.jit
+    def _rms_norm_kernel(X, sxm, Weight, Y, sym, eps, K: tl.constexpr, BLOCK: tl.constexpr):
+        # One program a row, the whole row at once: RMSNorm as model.RMSNorm rounds it (normalised in float32,
+        # rounded, then scaled by the weight).
+        row = tl.program_id(0)
+        k = tl.arange(0, BLOCK)
+        x = tl.load(X + row * sxm + k, mask=k < K, other=0.0).to(tl.float32)
+        normed = (x * tl.rsqrt(tl.sum(x * x, 0) / K + eps)).to(Y.dtype.element_ty)
+        tl.store(Y + row * sym + k, normed * tl.load(Weight + k, mask=k < K, other=0.0), mask=k < K)
+
+    @triton.jit
+    def _product(X, sxm, rows, row_ok, W, swn, Scale, cols, col_ok, K, BITS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+        """float32 [TILE, BLOCK_N]: x[rows] times the weight rows `cols`, summed over K in order, BLOCK_K at a time.
+
+        Both operands go into the tensor-core product exactly as loaded: an operand changed in registers (an RMSNorm
+        folded in, int4 values dequantized) costs a trip through shared memory every step, which measured slower
+        than a separate norm kernel, and int4 slower than PyTorch's own kernel (BENCHMARKS.md)."""
+        acc = tl.zeros([TILE, BLOCK_N], tl.float32)
+        k = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(X + rows[:, None] * sxm + (k0 + k)[None, :], mask=row_ok[:, None], other=0.0)
+            w = tl.load(W + cols[:, None] * swn + (k0 + k)[None, :], mask=col_ok[:, None], other=0.0)
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
+        if BITS == 8:
+            acc *= tl.load(Scale + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        return acc
+
+    @triton.jit
+    def _linear_kernel(X, sxm, W, swn, Scale, Bias, Res, srm, Y, sym, M, N, K, BITS: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+        # Row tiles are the fastest program index: the tiles that share a block of the weight run together, so it
+        # comes from memory once and from the L2 cache after.
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        rows = pid_m * TILE + tl.arange(0, TILE)
+        row_ok = rows < M
+        j = tl.arange(0, BLOCK_N)
+        if GATED:  # gate column c and up column N + c side by side: SiLU(gate) * up is one output column
+            out_cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            cols = pid_n * (BLOCK_N // 2) + j // 2 + (j % 2) * N
+            col_ok = (pid_n * (BLOCK_N // 2) + j // 2) < N
+        else:
+            out_cols = pid_n * BLOCK_N + j
+            cols = out_cols
+            col_ok = cols < N
+        acc = _product(X, sxm, rows, row_ok, W, swn, Scale, cols, col_ok, K, BITS, BLOCK_N, BLOCK_K, PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        y = acc.to(Y.dtype.element_ty)  # rounded as the unfused layer rounds its product
+        if GATED:
+            gate, up = tl.split(tl.reshape(y, (TILE, BLOCK_N // 2, 2)))
+            gate = gate.to(tl.float32)
+            y = (gate * tl.sigmoid(gate)).to(Y.dtype.element_ty).to(tl.float32) * up.to(tl.float32)
+        if RESIDUAL:
+            y = tl.load(Res + rows[:, None] * srm + out_cols[None, :], mask=row_ok[:, None], other=0.0).to(
+                tl.float32) + y.to(tl.float32)
+        tl.store(Y + rows[:, None] * sym + out_cols[None, :], y.to(Y.dtype.element_ty),
+                 mask=row_ok[:, None] & (out_cols < N)[None, :])
+
+    @triton.jit
+    def _qkv_rotary_kernel(X, sxm, W, swn, Scale, Bias, Pos, InvFreq, Q, sqm, T,
+                           K1, V1, L1, sk1b, sk1h, sk1s, sv1b, sv1h, sv1s,
+                           K2, V2, L2, sk2b, sk2h, sk2s, sv2b, sv2h, sv2s, M, N, K,
+                           N_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           BITS: tl.constexpr, HAS_BIAS: tl.constexpr, MIRROR: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+        # A program holds BLOCK_N / 2 rotary pairs (i, i + HEAD_DIM / 2) of one head, so it can turn them itself.
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        PAIRS: tl.constexpr = BLOCK_N // 2
+        PER_HEAD: tl.constexpr = HEAD_DIM // BLOCK_N
+        head = pid_n // PER_HEAD
+        i = (pid_n % PER_HEAD) * PAIRS + tl.arange(0, PAIRS)  # frequency index, 0 .. HEAD_DIM / 2
+        j = tl.arange(0, BLOCK_N)
+        cols = head * HEAD_DIM + (pid_n % PER_HEAD) * PAIRS + j // 2 + (j % 2) * (HEAD_DIM // 2)
+        rows = pid_m * TILE + tl.arange(0, TILE)
+        row_ok = rows < M
+        acc = _product(X, sxm, rows, row_ok, W, swn, Scale, cols, cols < N, K, BITS, BLOCK_N, BLOCK_K, PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(Bias + cols).to(tl.float32)[None, :]
+        first, second = tl.split(tl.reshape(acc.to(Q.dtype.element_ty), (TILE, PAIRS, 2)))
+        first, second = first.to(tl.float32), second.to(tl.float32)
+        if head < N_HEADS + N_KV_HEADS:  # queries and keys turn; values do not
+            # Generated tokens are text: one position on every M-RoPE axis, so every frequency turns with it.
+            angle = tl.load(Pos + rows, mask=row_ok, other=0).to(tl.float32)[:, None] * tl.load(InvFreq + i)[None, :]
+            cos, sin = tl.cos(angle), tl.sin(angle)
+            first, second = first * cos - second * sin, second * cos + first * sin
+        first, second = first.to(Q.dtype.element_ty), second.to(Q.dtype.element_ty)
+        if head < N_HEADS:
+            out = Q + rows[:, None] * sqm + head * HEAD_DIM + i[None, :]
+            tl.store(out, first, mask=row_ok[:, None])
+            tl.store(out + HEAD_DIM // 2, second, mask=row_ok[:, None])
+        else:  # a key or value head: into the cache at the sequence's length plus the token's index
+            b, t = rows // T, rows % T
+            is_key = head < N_HEADS + N_KV_HEADS
+            h = tl.where(is_key, head - N_HEADS, head - N_HEADS - N_KV_HEADS)
+            slot = tl.load(L1 + b, mask=row_ok, other=0) + t
+            if is_key:
+                out = K1 + b[:, None] * sk1b + h * sk1h + slot[:, None] * sk1s + i[None, :]
+            else:
+                out = V1 + b[:, None] * sv1b + h * sv1h + slot[:, None] * sv1s + i[None, :]
+            tl.store(out, first, mask=row_ok[:, None])
+            tl.store(out + HEAD_DIM // 2, second, mask=row_ok[:, None])
+            if MIRROR:
+                slot = tl.load(L2 + b, mask=row_ok, other=0) + t
+                if is_key:
+                    out = K2 + b[:, None] * sk2b + h * sk2h + slot[:, None] * sk2s + i[None, :]
+                else:
+                    out = V2 + b[:, None] * sv2b + h * sv2h + slot[:, None] * sv2s + i[None, :]
+                tl.store(out, first, mask=row_ok[:, None])
+                tl.store(out + HEAD_DIM // 2, second, mask=row_ok[:, None])
+
+
+def _weight_operands(w: Weights, K: int):
+    if K % 16:
+        raise ValueError(f"the decode kernels need in_features a multiple of 16, got {K}")
+    return w.data, w.data.stride(0), w.scale if w.scale is not None else w.data
+
+
+def _blocks(w: Weights, K: int) -> dict:
+    """Tile sizes and launch settings for a weight: they depend on the weight alone, never on the rows."""
+    N = w.data.shape[0]
+    return dict(BLOCK_N=64 if N >= 16384 else 32,  # the large matrices get fewer, longer programs
+                BLOCK_K=next(b for b in (256, 128, 64, 32, 16) if K % b == 0), BITS=w.bits, num_warps=4,
+                num_stages=5 if w.bits == 16 else 4)
+
+
+def _precision(x: torch.Tensor) -> str:
+    return "ieee" if x.dtype == torch.float32 else "tf32"  # float32 exactly; tf32 is ignored for 16-bit inputs
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of each row of x [..., K], one program a row."""
+    needs_triton(x)
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.empty_like(flat)
+    K = flat.shape[1]
+    _rms_norm_kernel[(flat.shape[0],)](flat, flat.stride(0), weight, y, y.stride(0), eps, K=K,
+                                       BLOCK=triton.next_power_of_2(K), num_warps=8)
+    return y.view(x.shape)
+
+
+def linear(x: torch.Tensor, w: Weights, residual: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+    """x [..., K] -> [..., N]: x @ w^T, plus bias and `residual`.
+
+    gated: w holds gate then up (N = 2 I rows) and the result is SiLU(x @ gate^T) * (x @ up^T), [..., I].
+    """
+    needs_triton(x)
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    (M, K), rows_out = flat.shape, w.data.shape[0]
+    N = rows_out // 2 if gated else rows_out
+    data, swn, scale = _weight_operands(w, K)
+    blocks = _blocks(w, K)
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    res = residual.reshape(M, N) if residual is not None else y
+    grid = (triton.cdiv(M, ROW_TILE), triton.cdiv(N, blocks["BLOCK_N"] // 2 if gated else blocks["BLOCK_N"]))
+    _linear_kernel[grid](
+        flat, flat.stride(0), data, swn, scale, w.bias if w.bias is not None else flat, res, res.stride(0), y,
+        y.stride(0), M, N, K, HAS_BIAS=w.bias is not None, RESIDUAL=residual is not None, GATED=gated,
+        PRECISION=_precision(x), **blocks,
+    )
+    return y.view(*x.shape[:-1], N)
+
+
+def gated_linear(x: torch.Tensor, w: Weights) -> torch.Tensor:
+    return linear(x, w, gated=True)
+
+
+def qkv_rotary(x: torch.Tensor, w: Weights, pos: torch.Tensor, inv_freq: torch.Tensor, n_heads: int,
+               n_kv_heads: int, cache, mirror=None) -> torch.Tensor:
+    """x [B, T, dim] -> queries [B, T, n_heads * D], rotated; the tokens' rotated keys and values are written to
+    `cache` (.k, .v [B, Hkv, S, D], .lengths [B]) at slots lengths[b] + t, and to `mirror` at its own lengths.
+
+    pos [B, T]: each token's position, the same on every M-RoPE axis (generated tokens are text).
+    """
+    needs_triton(x)
+    B, T, K = x.shape
+    D = cache.k.shape[-1]
+    if D < 16 or D & (D - 1):
+        raise NotImplementedError(f"the decode kernels need a power-of-two head_dim of at least 16, got {D}")
+    flat = x.reshape(B * T, K).contiguous()
+    N = (n_heads + 2 * n_kv_heads) * D
+    data, swn, scale = _weight_operands(w, K)
+    blocks = _blocks(w, K)
+    blocks["BLOCK_N"] = min(blocks["BLOCK_N"], D)
+    q = torch.empty(B * T, n_heads * D, device=x.device, dtype=x.dtype)
+    other = mirror if mirror is not None else cache
+    _qkv_rotary_kernel[(triton.cdiv(B * T, ROW_TILE), N // blocks["BLOCK_N"])](
+        flat, flat.stride(0), data, swn, scale, w.bias if w.bias is not None else flat,
+        pos.reshape(-1).contiguous(), inv_freq, q, q.stride(0), T,
+        cache.k, cache.v, cache.lengths, *cache.k.stride()[:3], *cache.v.stride()[:3],
+        other.k, other.v, other.lengths, *other.k.stride()[:3], *other.v.stride()[:3], B * T, N,
+        K, N_HEADS=n_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=D, HAS_BIAS=w.bias is not None,
+        MIRROR=mirror is not None, PRECISION=_precision(x), **blocks,
+    )
+    return q.view(B, T, n_heads * D)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+
+if triton is not None:
+
+    @triton.jit
+    def _attention_kernel(Q, sqm, K, V, Lengths, Part, Lse, T, n_kv_heads, n_tiles, skb, skh, sks, svb, svh, svs,
+                          spr, sps, slr, N_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, ROWS: tl.constexpr, PRECISION: tl.constexpr,
+                          SCALE: tl.constexpr):
+        # One program: one tile of ROWS rows of one sequence and KV head, over one fixed piece of SPLIT slots. Its
+        # rows are (token, query head of the group): each key and value is read once for all of them.
+        pid, split = tl.program_id(0), tl.program_id(1)
+        tile, bh = pid % n_tiles, pid // n_tiles
+        b, h = bh // n_kv_heads, bh % n_kv_heads
+        r = tile * ROWS + tl.arange(0, ROWS)
+        row_ok = r < T * GROUP
+        t, g = r // GROUP, r % GROUP
+        d = tl.arange(0, HEAD_DIM)
+        length = tl.load(Lengths + b)
+        visible_end = length + t + 1  # token t sees the cache and the new tokens up to itself
+        last_t = tl.minimum(tile * ROWS + ROWS - 1, T * GROUP - 1) // GROUP
+        start = split * SPLIT
+        end = tl.minimum(start + SPLIT, length + last_t + 1)
+        filled = r * 0 + start < end  # per row (a scalar mask won't do): a piece past the filled slots reads nothing
+        q = tl.load(Q + (b * T + t)[:, None] * sqm + (h * GROUP + g)[:, None] * HEAD_DIM + d[None, :],
+                    mask=(row_ok & filled)[:, None], other=0.0)
+        m = tl.full([ROWS], float("-inf"), tl.float32)
+        l = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+        # Blocks past a row's last visible slot change nothing of it, bit for bit (their weights are exactly 0 and
+        # the running maximum stays): a row gets the same result in a call of one token or of many.
+        for s in range(start, end, BLOCK_N):
+            slots = s + tl.arange(0, BLOCK_N)
+            in_range = (slots < end)[:, None]
+            k = tl.load(K + b * skb + h * skh + slots[:, None] * sks + d[None, :], mask=in_range, other=0.0)
+            v = tl.load(V + b * svb + h * svh + slots[:, None] * svs + d[None, :], mask=in_range, other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE
+            scores = tl.where(slots[None, :] < visible_end[:, None], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(scores - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
+            l = l * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+            m = m_new
+        row = (b * T + t) * N_HEADS + h * GROUP + g
+        store = row_ok & (start < visible_end)  # the merge reads only the splits a row sees, and they are not empty
+        l = tl.where(store, l, 1.0)
+        tl.store(Part + row[:, None] * spr + split * sps + d[None, :], acc / l[:, None], mask=store[:, None])
+        tl.store(Lse + row * slr + split, m + tl.log(l), mask=store)
+
+    @triton.jit
+    def _merge_kernel(Part, Lse, Lengths, Out, T, spr, sps, slr, som, N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      BLOCK_S: tl.constexpr, SPLIT: tl.constexpr):
+        # One program: one (sequence, token, query head). Its splits are combined by their log-sum-exp in a fixed
+        # order: BLOCK_S at a time, by the same reduction tree; splits past the row's end weigh exactly 0.
+        row = tl.program_id(0)  # (b * T + t) * N_HEADS + head
+        b, t, head = row // (T * N_HEADS), (row // N_HEADS) % T, row % N_HEADS
+        n = tl.cdiv(tl.load(Lengths + b) + t + 1, SPLIT)
+        s = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, HEAD_DIM)
+        top = tl.full([BLOCK_S], float("-inf"), tl.float32)
+        for s0 in range(0, n, BLOCK_S):
+            top = tl.maximum(top, tl.load(Lse + row * slr + s0 + s, mask=s0 + s < n, other=float("-inf")))
+        top_all = tl.max(top, 0)
+        total = tl.zeros([BLOCK_S], tl.float32)
+        acc = tl.zeros([HEAD_DIM], tl.float32)
+        for s0 in range(0, n, BLOCK_S):
+            ok = s0 + s < n
+            weight = tl.exp(tl.load(Lse + row * slr + s0 + s, mask=ok, other=float("-inf")) - top_all)
+            part = tl.load(Part + row * spr + (s0 + s)[:, None] * sps + d[None, :], mask=ok[:, None], other=0.0)
+            total += weight
+            acc += tl.sum(weight[:, None] * part, 0)
+        out = acc / tl.sum(total, 0)
+        tl.store(Out + (b * T + t) * som + head * HEAD_DIM + d, out.to(Out.dtype.element_ty))
+
+
+def decode_attention(q: torch.Tensor, cache) -> torch.Tensor:
+    """Split-KV ("flash decoding") attention of T new tokens per sequence over a static cache.
+
+    q [B, T, Hq * D], rotated; cache .k, .v [B, Hkv, S, D] with the new tokens' keys/values already written at slots
+    lengths[b] .. lengths[b] + T - 1 -> [B, T, Hq * D]. Token t of sequence b sees slots 0 .. lengths[b] + t.
+
+    The launch covers the whole capacity in pieces of SPLIT slots; a piece past the filled length does nothing and
+    the merge reads only the pieces a row sees. The launch shape is fixed, so it is captured in CUDA graphs.
+    """
+    needs_triton(q)
+    B, T, width = q.shape
+    Hkv, S, D = cache.k.shape[1:]
+    Hq = width // D
+    group = Hq // Hkv
+    n_tiles = triton.cdiv(T * group, ATTENTION_ROWS)
+    n_splits = triton.cdiv(S, SPLIT)
+    part = torch.empty(B * T * Hq, n_splits, D, device=q.device, dtype=torch.float32)
+    lse = torch.empty(B * T * Hq, n_splits, device=q.device, dtype=torch.float32)
+    q = q.contiguous()
+    _attention_kernel[(B * Hkv * n_tiles, n_splits)](
+        q, q.stride(1), cache.k, cache.v, cache.lengths, part, lse, T, Hkv, n_tiles, *cache.k.stride()[:3],
+        *cache.v.stride()[:3], part.stride(0), part.stride(1), lse.stride(0), N_HEADS=Hq, GROUP=group, HEAD_DIM=D,
+        SPLIT=SPLIT, ROWS=ATTENTION_ROWS, PRECISION=_precision(q), SCALE=D ** -0.5, **ATTENTION_LAUNCH,
+    )
+    out = torch.empty(B, T, Hq * D, device=q.device, dtype=q.dtype)
+    _merge_kernel[(B * T * Hq,)](part, lse, cache.lengths, out, T, part.stride(0), part.stride(1), lse.stride(0),
+                                 out.stride(1), N_HEADS=Hq, HEAD_DIM=D, BLOCK_S=MERGE_BLOCK, SPLIT=SPLIT, num_warps=4)
+    return out

@@ -1,0 +1,94 @@
+"""Tensor parallelism for the language model over torch.distributed (gloo on the CPU, NCCL on GPUs), in the way of
+gpt-fast's tp.py.
+
+    torchrun --nproc-per-node 2 bench.py --model qwen2-vl-72b ...
+
+    rank, world = tp.init()                              # from torchrun's environment: one GPU a rank
+    model, processor = load.load(path, device=tp.device(), dtype=torch.bfloat16, shard=(rank, world))
+    result = std.generate(model, inputs, 256, k=1024)    # every rank, the same inputs: the same tokens come out
+
+load.load(..., shard=) builds a rank's part alone (never the whole model), the same as shard() of the whole.
+
+A rank holds, in every layer, some of the KV heads with their query heads (the q, k and v rows and biases of those
+heads) and the matching columns of the output projection; and 1/world of the gate and up rows with the matching
+columns of the down projection. The output and down projections then give partial sums, which one all-reduce each
+adds across the ranks: two a layer. The embedding, the norms, the head and the vision tower are whole on every rank,
+so every rank computes the same logits and picks the same tokens. Each rank's KV cache holds its own KV heads, and
+StD's selection, made per KV head, runs on each rank for its own heads.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn as nn
+
+
+def launched() -> bool:
+    """Whether this process is one of several that torchrun started."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init() -> tuple[int, int]:
+    """Join the process group torchrun describes (NCCL with one GPU a rank, else gloo); -> (rank, world size)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank, world
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """The sum of x over the ranks. Functional, so that torch.compile traces it (and CUDA graphs capture it)."""
+    return funcol.all_reduce(x, "sum", dist.group.WORLD)
+
+
+def plan(config, rank: int, world: int) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """This rank's part of each decoder linear layer: name in a layer -> (rows, columns) of its weight, None = all.
+
+    A KV head's query heads are contiguous, so this rank's query heads are too.
+    """
+    if config.n_kv_heads % world or config.intermediate_size % world:
+        raise ValueError(f"{world} ranks cannot share {config.n_kv_heads} KV heads and {config.intermediate_size} MLP "
+                         "columns evenly")
+    D, heads, kv_heads = config.head_dim, config.n_heads // world, config.n_kv_heads // world
+    columns = config.intermediate_size // world
+    q = torch.arange(rank * heads * D, (rank + 1) * heads * D)
+    k = config.n_heads * D + torch.arange(rank * kv_heads * D, (rank + 1) * kv_heads * D)
+    v = k + config.n_kv_heads * D
+    gate = torch.arange(rank * columns, (rank + 1) * columns)
+    return {"attn.qkv": (torch.cat([q, k, v]), None), "attn.o_proj": (None, q),
+            "mlp.gate_up": (torch.cat([gate, config.intermediate_size + gate]), None), "mlp.down_proj": (None, gate)}
+
+
+def shard(model, rank: int, world: int) -> None:
+    """Keep this rank's part of every decoder layer of `model` (model.Qwen2VL), in place. (load.load(...,
+    shard=(rank, world)) builds the same part without the whole model.)"""
+    c = model.config
+    parts = plan(c, rank, world)
+    for block in model.layers:
+        for name, (rows, columns) in parts.items():
+            owner, attr = name.split(".")
+            module = getattr(block, owner)
+            setattr(module, attr, part(getattr(module, attr), rows, columns))
+        block.attn.n_heads, block.attn.n_kv_heads = c.n_heads // world, c.n_kv_heads // world
+        block.partial_sums = all_reduce
+    model.partial_sums = all_reduce
+
+
+def part(linear: nn.Linear, rows=None, columns=None) -> nn.Linear:
+    """A new linear layer of some rows (output features) or columns (input features) of `linear`."""
+    if columns is not None and linear.bias is not None:
+        raise ValueError("a layer split by input columns gives partial sums: its bias would be added once a rank")
+    weight = linear.weight.detach()
+    weight = weight[rows.to(weight.device)] if rows is not None else weight[:, columns.to(weight.device)]
+    bias = linear.bias is not None
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias, device=weight.device, dtype=weight.dtype)
+    out.weight.data.copy_(weight)
+    if bias:
+        out.bias.data.copy_(linear.bias.detach()[rows.to(weight.device)])
+    return out
