@@ -584,7 +584,7 @@ def steps_mode(args, model, device, contexts, draft_model=None):
         print(f"context {context}: {'capturing and ' if compiled else ''}timing the steps ...", file=sys.stderr)
         room = std.cache_room(0, max(gammas))
         dense = model.new_cache(B, context + room)
-        topk_cache = model.new_cache(B, args.k + text + room)
+        topk_cache = model.new_cache(B, args.k + text + room, invariant=False)  # as std.py makes a draft's
         for t in dense.k + dense.v + topk_cache.k + topk_cache.v:
             t.normal_()
 
@@ -620,7 +620,7 @@ def steps_mode(args, model, device, contexts, draft_model=None):
                 drafter = std.Drafter(model, dense.first_layers(half), n_layers=half, mirror=False)
                 floor_bytes, extra = (weights + per_token * context * B) * half / model.config.n_layers, 0
             elif kind == "sibling":  # over k video tokens and the text, as the top-k drafts
-                sibling_cache = draft_model.new_cache(B, args.k + text + room)
+                sibling_cache = draft_model.new_cache(B, args.k + text + room, invariant=False)
                 for t in sibling_cache.k + sibling_cache.v:
                     t.normal_()
                 drafter = std.Drafter(draft_model, sibling_cache, mirror=False, sibling=True)

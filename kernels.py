@@ -29,6 +29,7 @@ except ImportError:  # CPU-only installs: decoding on the CPU needs no Triton, d
 
 ROW_TILE = 16  # rows per program: the smallest tensor-core tile, and the same for every call (batch invariance)
 SPLIT = 1024  # cache slots per attention program, at fixed absolute positions (batch invariance)
+DRAFT_SPLIT = 128  # the same for a draft's small cache, which needs no batch invariance: more, shorter programs
 ATTENTION_ROWS = 64  # (token, query head) rows per attention program: a verify pass of 7B's 7-head groups is one tile
 ATTENTION_LAUNCH = dict(BLOCK_N=64, num_warps=4, num_stages=3)  # keys a loop step; tuned on an H200
 MERGE_BLOCK = 64  # attention splits the merge combines at once
@@ -348,9 +349,10 @@ def decode_attention(q: torch.Tensor, cache) -> torch.Tensor:
     """Split-KV ("flash decoding") attention of T new tokens per sequence over a static cache.
 
     q [B, T, Hq * D], rotated; cache .k, .v [B, Hkv, S, D] with the new tokens' keys/values already written at slots
-    lengths[b] .. lengths[b] + T - 1 -> [B, T, Hq * D]. Token t of sequence b sees slots 0 .. lengths[b] + t.
+    lengths[b] .. lengths[b] + T - 1, .split (SPLIT, or DRAFT_SPLIT) -> [B, T, Hq * D]. Token t of sequence b sees
+    slots 0 .. lengths[b] + t.
 
-    The launch covers the whole capacity in pieces of SPLIT slots; a piece past the filled length does nothing and
+    The launch covers the whole capacity in pieces of cache.split slots; a piece past the filled length does nothing and
     the merge reads only the pieces a row sees. The launch shape is fixed, so it is captured in CUDA graphs.
     """
     needs_triton(q)
@@ -359,16 +361,17 @@ def decode_attention(q: torch.Tensor, cache) -> torch.Tensor:
     Hq = width // D
     group = Hq // Hkv
     n_tiles = triton.cdiv(T * group, ATTENTION_ROWS)
-    n_splits = triton.cdiv(S, SPLIT)
+    n_splits = triton.cdiv(S, cache.split)
     part = torch.empty(B * T * Hq, n_splits, D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B * T * Hq, n_splits, device=q.device, dtype=torch.float32)
     q = q.contiguous()
     _attention_kernel[(B * Hkv * n_tiles, n_splits)](
         q, q.stride(1), cache.k, cache.v, cache.lengths, part, lse, T, Hkv, n_tiles, *cache.k.stride()[:3],
         *cache.v.stride()[:3], part.stride(0), part.stride(1), lse.stride(0), N_HEADS=Hq, GROUP=group, HEAD_DIM=D,
-        SPLIT=SPLIT, ROWS=ATTENTION_ROWS, PRECISION=_precision(q), SCALE=D ** -0.5, **ATTENTION_LAUNCH,
+        SPLIT=cache.split, ROWS=ATTENTION_ROWS, PRECISION=_precision(q), SCALE=D ** -0.5, **ATTENTION_LAUNCH,
     )
     out = torch.empty(B, T, Hq * D, device=q.device, dtype=q.dtype)
     _merge_kernel[(B * T * Hq,)](part, lse, cache.lengths, out, T, part.stride(0), part.stride(1), lse.stride(0),
-                                 out.stride(1), N_HEADS=Hq, HEAD_DIM=D, BLOCK_S=MERGE_BLOCK, SPLIT=SPLIT, num_warps=4)
+                                 out.stride(1), N_HEADS=Hq, HEAD_DIM=D, BLOCK_S=MERGE_BLOCK, SPLIT=cache.split,
+                                 num_warps=4)
     return out

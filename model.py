@@ -58,6 +58,7 @@ class LayerCache(NamedTuple):
     k: torch.Tensor  # [B, Hkv, S, D]
     v: torch.Tensor  # [B, Hkv, S, D]
     lengths: torch.Tensor  # [B] filled slots per sequence
+    split: int = kernels.SPLIT  # slots per piece of the GPU attention (kernels.py)
 
 
 @dataclass(eq=False)  # identity, not elementwise tensor comparison
@@ -72,25 +73,26 @@ class KVCache:
     k: list[torch.Tensor]  # per layer [B, Hkv, S, D]
     v: list[torch.Tensor]
     lengths: torch.Tensor  # [B]
+    split: int = kernels.SPLIT  # see LayerCache
 
     @classmethod
-    def zeros(cls, n_layers, batch, n_kv_heads, capacity, head_dim, dtype, device) -> "KVCache":
+    def zeros(cls, n_layers, batch, n_kv_heads, capacity, head_dim, dtype, device, split=kernels.SPLIT) -> "KVCache":
         shape = (batch, n_kv_heads, capacity, head_dim)
         # Zeros, not empty: the masked SDPA path multiplies unfilled slots by a zero weight, and 0 * NaN is NaN.
         k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        return cls(k, v, torch.zeros(batch, dtype=torch.long, device=device))
+        return cls(k, v, torch.zeros(batch, dtype=torch.long, device=device), split)
 
     @property
     def capacity(self) -> int:
         return self.k[0].shape[2]
 
     def layer(self, i: int) -> LayerCache:
-        return LayerCache(self.k[i], self.v[i], self.lengths)
+        return LayerCache(self.k[i], self.v[i], self.lengths, self.split)
 
     def first_layers(self, n: int) -> "KVCache":
         """The first n layers' storage, shared, with lengths of its own (an early-exit draft reads it)."""
-        return KVCache(self.k[:n], self.v[:n], self.lengths.clone())
+        return KVCache(self.k[:n], self.v[:n], self.lengths.clone(), self.split)
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.k + self.v)
@@ -299,10 +301,11 @@ class Qwen2VL(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
+    def new_cache(self, batch: int, capacity: int, invariant: bool = True) -> KVCache:
+        """invariant=False: a draft's cache, whose attention need not be batch-invariant (shorter pieces on a GPU)."""
         c = self.config  # the layers' own KV heads: a tensor-parallel rank holds some of them
         return KVCache.zeros(c.n_layers, batch, self.layers[0].attn.n_kv_heads, capacity, c.head_dim, self.dtype,
-                             self.device)
+                             self.device, kernels.SPLIT if invariant else kernels.DRAFT_SPLIT)
 
     def inv_freq(self) -> torch.Tensor:
         """[D / 2] rotary frequencies, in float32 or better."""

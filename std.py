@@ -34,8 +34,10 @@ What it needs from a model (model.Qwen2VL has all of it; another model with the 
     model.device
     model.embed(inputs)         -> embeddings [L, dim], positions [3, L] (M-RoPE's t, h, w axes)
     model.visual_mask(ids [L])  -> bool [L]: the positions pruned unless `prunable=` says otherwise
-    model.new_cache(B, S)       -> a cache: .k, .v (per layer [B, Hkv, S, D]), .lengths [B], .capacity,
-                                   .first_layers(n) (a view of the first n layers with lengths of its own)
+    model.new_cache(B, S, invariant=True)
+                                -> a cache: .k, .v (per layer [B, Hkv, S, D]), .lengths [B], .capacity,
+                                   .first_layers(n) (a view of the first n layers with lengths of its own);
+                                   invariant=False for a draft's, whose attention need not be batch-invariant
     model.prefill(embeds, pos, cache, row, query_rows)
                                 -> final hidden states [L, dim], and per layer the rotated queries [rows, Hq, D] at
                                    query_rows; fills cache row `row` (the caller sets its length)
@@ -301,7 +303,7 @@ def build_drafter(p: Prefill, draft: str, k, exit_layer, room, draft_model=None)
         return sibling_drafter(p, draft_model, k, room)
     kept = [kept_positions(p, row, draft, k) for row in range(len(p.lengths))]
     sizes = [kept_row[0].shape[1] + int((~mask).sum()) for kept_row, mask in zip(kept, p.prunable)]
-    cache = model.new_cache(len(p.lengths), max(sizes) + room)
+    cache = model.new_cache(len(p.lengths), max(sizes) + room, invariant=False)  # only drafts read it
     for row, (kept_row, mask) in enumerate(zip(kept, p.prunable)):
         fill_draft_row(cache, p.dense, row, kept_row, (~mask).nonzero().flatten())
     cache.lengths.copy_(torch.tensor(sizes))
@@ -367,7 +369,7 @@ def sibling_drafter(p: Prefill, draft_model, k: int | None, room: int) -> Drafte
         kept = torch.cat([sibling_positions(scores, mask, budget), (~mask).nonzero().flatten(), last]).unique()
         embeds, _ = draft_model.embed(inputs)
         prompts.append((embeds[kept], pos[:, kept]))
-    cache = draft_model.new_cache(len(prompts), max(e.shape[0] for e, _ in prompts) + room)
+    cache = draft_model.new_cache(len(prompts), max(e.shape[0] for e, _ in prompts) + room, invariant=False)
     for row, (embeds, pos) in enumerate(prompts):
         draft_model.prefill(embeds, pos, cache, row)
     cache.lengths.copy_(torch.tensor([e.shape[0] - 1 for e, _ in prompts]))  # before the prompt's last token
