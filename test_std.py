@@ -1074,6 +1074,41 @@ def test_tensor_parallel_decodes_as_one_process(tmp_path):
     assert shared["tokens"] == {draft: dense for draft in shared["tokens"]}
 
 
+def tensor_parallel_invariance_worker(rank, world, init_file, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        config = ModelConfig(vocab_size=VOCAB, dim=128, n_layers=1, n_heads=8, n_kv_heads=4, intermediate_size=128,
+                             rope_theta=10000.0, mrope_section=(2, 3, 3), vision=VisionConfig(
+                                 depth=1, embed_dim=16, num_heads=2, mlp_ratio=2, hidden_size=128))
+        model = load.random_model(config, seed=0, std=0.3, shard=(rank, world))
+        tokens = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(5))
+        pos = torch.tensor([[40]]) + torch.arange(7)
+        cache = model.new_cache(1, 64)
+        cache.lengths.fill_(40)
+        verify = fused_logits(model, tokens, pos, cache)
+        steps = []
+        for t in range(7):
+            steps.append(fused_logits(model, tokens[:, t : t + 1], pos[:, t : t + 1], cache)[:, 0])
+            cache.lengths += 1
+        if rank == 0:
+            torch.save(torch.equal(torch.stack(steps, 1), verify), out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="its CPU processes run the kernels in Triton's interpreter")
+def test_tensor_parallel_over_four_ranks_keeps_a_verify_pass_equal_to_one_token_steps(tmp_path):
+    """Past two ranks an all-reduce adds in an order that depends on the message's size; tp.all_reduce adds the
+    partial sums in rank order instead, so the fused kernels' batch invariance holds under tensor parallelism."""
+    pytest.importorskip("triton", minversion="3.9")
+    torch.multiprocessing.spawn(tensor_parallel_invariance_worker,
+                                args=(4, str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=4)
+    assert torch.load(tmp_path / "out.pt") is True
+
+
 def test_a_rank_loads_its_part_alone(checkpoint):
     """load(..., shard=(rank, world)) reads each checkpoint tensor and keeps this rank's part: what tp.shard keeps of
     the whole model, biases included, in every layout of both families; and likewise for a random preset."""

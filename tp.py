@@ -43,8 +43,19 @@ def device() -> torch.device:
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """The sum of x over the ranks. Functional, so that torch.compile traces it (and CUDA graphs capture it)."""
-    return funcol.all_reduce(x, "sum", dist.group.WORLD)
+    """The sum of x over the ranks, each element's bits the same whatever else the call holds (the batch invariance
+    of kernels.py). With two ranks an element's sum is one addition, which commutes, so any all-reduce keeps it.
+    With more, all-reduce algorithms add in an order set by where the element sits in the message (a one-token step
+    and a verify pass would round differently), so the partial sums are gathered and added in rank order.
+    Functional collectives, so that torch.compile traces them and CUDA graphs capture them."""
+    group = dist.group.WORLD
+    if dist.get_world_size(group) == 2:
+        return funcol.all_reduce(x, "sum", group)
+    parts = funcol.all_gather_tensor(x.contiguous(), 0, group).view(-1, *x.shape)
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
 
 
 def plan(config, rank: int, world: int) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
