@@ -7,6 +7,7 @@ A checkpoint directory holds config.json (the flat layout of the original releas
 text_config/vision_config layout of newer transformers), model.safetensors or model-0000N-of-0000M.safetensors
 with model.safetensors.index.json, and tokenizer.json. Tensors go from safetensors straight into preallocated
 parameters on the target device, one at a time, cast on the way; q/k/v and gate/up land in their fused matrices.
+With shard=(rank, world), each tensor-parallel rank allocates and keeps only its part (tp.py).
 """
 import importlib.util
 import json
