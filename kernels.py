@@ -159,25 +159,25 @@ if triton is not None:
             out = Q + rows[:, None] * sqm + head * HEAD_DIM + i[None, :]
             tl.store(out, first, mask=row_ok[:, None])
             tl.store(out + HEAD_DIM // 2, second, mask=row_ok[:, None])
-        else:  # a key or value head: into the cache at the sequence's length plus the token's index
+        else:  # a key or value head: into the cache (and the mirror) at the sequence's length plus the token's index
             b, t = rows // T, rows % T
-            is_key = head < N_HEADS + N_KV_HEADS
-            h = tl.where(is_key, head - N_HEADS, head - N_HEADS - N_KV_HEADS)
-            slot = tl.load(L1 + b, mask=row_ok, other=0) + t
-            if is_key:
-                out = K1 + b[:, None] * sk1b + h * sk1h + slot[:, None] * sk1s + i[None, :]
+            if head < N_HEADS + N_KV_HEADS:
+                _write_head(K1, L1, sk1b, sk1h, sk1s, b, t, head - N_HEADS, i, first, second, row_ok, HEAD_DIM)
+                if MIRROR:
+                    _write_head(K2, L2, sk2b, sk2h, sk2s, b, t, head - N_HEADS, i, first, second, row_ok, HEAD_DIM)
             else:
-                out = V1 + b[:, None] * sv1b + h * sv1h + slot[:, None] * sv1s + i[None, :]
-            tl.store(out, first, mask=row_ok[:, None])
-            tl.store(out + HEAD_DIM // 2, second, mask=row_ok[:, None])
-            if MIRROR:
-                slot = tl.load(L2 + b, mask=row_ok, other=0) + t
-                if is_key:
-                    out = K2 + b[:, None] * sk2b + h * sk2h + slot[:, None] * sk2s + i[None, :]
-                else:
-                    out = V2 + b[:, None] * sv2b + h * sv2h + slot[:, None] * sv2s + i[None, :]
-                tl.store(out, first, mask=row_ok[:, None])
-                tl.store(out + HEAD_DIM // 2, second, mask=row_ok[:, None])
+                h = head - N_HEADS - N_KV_HEADS
+                _write_head(V1, L1, sv1b, sv1h, sv1s, b, t, h, i, first, second, row_ok, HEAD_DIM)
+                if MIRROR:
+                    _write_head(V2, L2, sv2b, sv2h, sv2s, b, t, h, i, first, second, row_ok, HEAD_DIM)
+
+    @triton.jit
+    def _write_head(Cache, Lengths, scb, sch, scs, b, t, h, i, first, second, row_ok, HEAD_DIM: tl.constexpr):
+        # The rotary pairs (i, i + HEAD_DIM / 2) of token t of sequence b, into head h at slot lengths[b] + t.
+        slot = tl.load(Lengths + b, mask=row_ok, other=0) + t
+        out = Cache + b[:, None] * scb + h * sch + slot[:, None] * scs + i[None, :]
+        tl.store(out, first, mask=row_ok[:, None])
+        tl.store(out + HEAD_DIM // 2, second, mask=row_ok[:, None])
 
 
 def _weight_operands(w: Weights, K: int):

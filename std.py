@@ -467,7 +467,8 @@ def verify_step(model, dense, drafter: Drafter, s: DecodeState, gamma: int, laye
     dense.lengths += step
     drafter.cache.lengths += step
     s.pos += step
-    s.prev.copy_(torch.where(s.active, tokens.gather(1, accepted[:, None])[:, 0], s.prev))  # the last accepted
+    if drafter.sibling:  # the last accepted token, which the sibling's next round runs again (see Drafter)
+        s.prev.copy_(torch.where(s.active, tokens.gather(1, accepted[:, None])[:, 0], s.prev))
     s.last.copy_(torch.where(s.active, following, s.last))
     s.report[:, :gamma] = s.drafts
     s.report[:, gamma] = accepted
