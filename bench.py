@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the kept set every N tokens from the newest tokens' attention (k and gamma from --k, --gamma)")
     p.add_argument("--kernels", action="store_true", help="time weight-only int8/int4 matrix-vector kernels on the "
                    "model's decoder matrices, for 1 and --batch rows (GPU)")
+    p.add_argument("--all-reduce", choices=("one-shot", "nccl"), help="under torchrun on GPUs: the decode steps' "
+                   "all-reduces read the other GPU's memory in one kernel (one-shot, the default) or go through NCCL")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--json", help="write every number measured here to this file")
     return p
@@ -135,6 +137,8 @@ def parse_args(argv=None):
         p.error("--draft sibling drafts with a smaller model of the same family: give --draft-model")
     if args.draft_model and args.show_selection:
         p.error("--show-selection draws the per-layer choice of a top-k draft, not the sibling's")
+    if args.all_reduce and not tp.launched():
+        p.error("--all-reduce chooses how tensor-parallel ranks add: run under torchrun")
     if tp.launched():
         one_process = [flag for flag, given in (("--kernels", args.kernels), ("--documents", args.documents),
                                                 ("--transformers", args.transformers),
@@ -570,8 +574,6 @@ def steps_mode(args, model, device, contexts, draft_model=None):
     Each step is what decoding runs (a CUDA graph of compiled layers on a GPU). The verify step is the same for every
     draft kind (the dense model over gamma + 1 tokens), so it is timed once per gamma.
     """
-    import quant
-
     compiled = device.type == "cuda"
     bandwidth = read_bandwidth(device)
     weights, per_token = weight_bytes(model), kv_bytes_per_token(model)
@@ -614,23 +616,18 @@ def steps_mode(args, model, device, contexts, draft_model=None):
             if compiled and gamma == args.gamma:
                 row["profiles"]["verify"] = kernel_profile(verify, 1, row["verify_ms"][gamma], reset_to(
                     (dense, context), (topk_cache, args.k + text)))
-        half = model.config.n_layers // 2
         for kind in ("topk", "topk-int8", "topk-int4", "layerskip") + (("sibling",) if draft_model else ()):
-            if kind == "layerskip":
-                drafter = std.Drafter(model, dense.first_layers(half), n_layers=half, mirror=False)
-                floor_bytes, extra = (weights + per_token * context * B) * half / model.config.n_layers, 0
-            elif kind == "sibling":  # over k video tokens and the text, as the top-k drafts
-                sibling_cache = draft_model.new_cache(B, args.k + text + room, invariant=False)
-                for t in sibling_cache.k + sibling_cache.v:
-                    t.normal_()
-                drafter = std.Drafter(draft_model, sibling_cache, mirror=False, sibling=True)
-                floor_bytes = weight_bytes(draft_model)
-                extra = sum(t.nbytes for t in draft_model.parameters()) + sibling_cache.nbytes()
-            else:  # one quantized copy at a time: a large model has no room for both beside its caches
-                drafter = topk if kind == "topk" else std.Drafter(
-                    quant.quantized_copy(model, std.QUANTIZED_BITS[kind]), topk_cache)
-                floor_bytes = weight_bytes(drafter.model)
-                extra = sum(b.nbytes for b in drafter.model.buffers()) if drafter is not topk else 0
+            try:
+                drafter, floor_bytes, extra = draft_setup(kind, model, dense, topk, draft_model, context, B, room, text,
+                                                          args.k)
+            except torch.OutOfMemoryError:
+                drafter = None
+            if not everywhere(drafter is not None):
+                row["drafts"][kind] = dict(skipped="its weights or cache do not fit beside the dense model's")
+                print(f"  {kind}: skipped, out of GPU memory", file=sys.stderr)
+                del drafter
+                torch.cuda.empty_cache()
+                continue
             s = std.DecodeState([0] * B, [0] * B, [context] * B, args.gamma, device)
             step = std.make_steps(model, dense, drafter, s, args.gamma, compiled)["draft"]
             length = context if kind == "layerskip" else args.k + text
@@ -652,9 +649,41 @@ def steps_mode(args, model, device, contexts, draft_model=None):
     return report
 
 
+def draft_setup(kind, model, dense, topk, draft_model, context, B, room, text, k):
+    """-> (drafter of this kind, bytes its step must read, the extra memory it holds) for steps_mode."""
+    import quant
+
+    weights, per_token = weight_bytes(model), kv_bytes_per_token(model)
+    if kind == "layerskip":
+        half = model.config.n_layers // 2
+        drafter = std.Drafter(model, dense.first_layers(half), n_layers=half, mirror=False)
+        return drafter, (weights + per_token * context * B) * half / model.config.n_layers, 0
+    if kind == "sibling":  # over k video tokens and the text, as the top-k drafts
+        cache = draft_model.new_cache(B, k + text + room, invariant=False)
+        for t in cache.k + cache.v:
+            t.normal_()
+        extra = sum(t.nbytes for t in draft_model.parameters()) + cache.nbytes()
+        return std.Drafter(draft_model, cache, mirror=False, sibling=True), weight_bytes(draft_model), extra
+    if kind == "topk":
+        return topk, weights, 0
+    # one quantized copy at a time: a large model has no room for both beside its caches
+    drafter = std.Drafter(quant.quantized_copy(model, std.QUANTIZED_BITS[kind]), topk.cache)
+    return drafter, weight_bytes(drafter.model), sum(b.nbytes for b in drafter.model.buffers())
+
+
+def everywhere(ok: bool) -> bool:
+    """Whether `ok` holds on every tensor-parallel rank (so that all ranks go on to the same collectives)."""
+    if not torch.distributed.is_initialized():
+        return ok
+    flag = torch.tensor([int(ok)], device=tp.device())
+    torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def print_steps_report(report, args):
     print(f"\n{report['device']}, model {report['model']} (random weights), batch {report['batch']}, "
-          + (f"tensor parallel over {args.tp[1]} processes (per-rank floors), " if args.tp else "")
+          + (f"tensor parallel over {args.tp[1]} processes ({tp.all_reduce_kind()} all-reduces, per-rank floors), "
+             if args.tp else "")
           + f"read bandwidth {report['read_bandwidth'] / 1e12:.2f} TB/s, "
           f"weights {report['weight_bytes'] / 1e9:.2f} GB, "
           f"draft cache k={report['k']} + {report['draft_text_tokens']} text")
@@ -668,6 +697,9 @@ def print_steps_report(report, args):
             head = (f"{row['context']:>8} {row['dense_ms']:>9.2f} {row['dense_floor_ms']:>9.2f} "
                     f"{row['fraction_of_floor']:>8.0%} {verify:>12.2f} {verify / row['dense_ms']:>7.2f}") if i == 0 \
                 else " " * 57
+            if "skipped" in d:
+                print(f"{head} | {kind:>10} skipped: {d['skipped']}")
+                continue
             ratio = d["draft_ms"] / d["floor_ms"]
             print(f"{head} | {kind:>10} {d['draft_ms']:>8.2f} {d['floor_ms']:>9.2f} {ratio:>7.2f} | "
                   + " ".join(f"{d['projected'][str(a)][g]:>5.2f}x" for a in ACCEPTANCES))
@@ -677,14 +709,17 @@ def print_steps_report(report, args):
     for row in report["rows"]:
         for step, p in row["profiles"].items():
             print(f"{row['context']:>8} {step:>10}: {p['kernels']:>4} kernels a step, matrix-vector products "
-                  f"{p['matvec_ms']:.2f} ms, other kernels {p['other_ms']:.2f} ms, between kernels {p['gaps_ms']:.2f} "
-                  f"ms: {1 - p['matvec_ms'] / p['step_ms']:.0%} of the step outside the products")
+                  f"{p['matvec_ms']:.2f} ms, other kernels {p['other_ms']:.2f} ms"
+                  + (f" (all-reduces {p['all_reduce_ms']:.2f} ms)" if args.tp else "")
+                  + f", between kernels {p['gaps_ms']:.2f} ms: {1 - p['matvec_ms'] / p['step_ms']:.0%} of the step "
+                  "outside the products")
 
 
 # ---------------------------------------------------------------------------------------------- measurements
 
 
 MATVEC_KERNELS = ("_linear_kernel", "_qkv_rotary_kernel", "tinygemm")  # kernels.py's products, PyTorch's int4
+ALL_REDUCE_KERNELS = ("nccl", "all_reduce")  # NCCL's, symmetric memory's (tp.py)
 
 
 def kernel_profile(step, steps_per_call: int, step_ms: float, before) -> dict:
@@ -697,6 +732,9 @@ def kernel_profile(step, steps_per_call: int, step_ms: float, before) -> dict:
     step()
     torch.cuda.synchronize()
     before()
+    if torch.distributed.is_initialized():  # else one rank's all-reduces would count the time it waits for the other
+        torch.distributed.barrier()
+        torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
@@ -708,9 +746,11 @@ def kernel_profile(step, steps_per_call: int, step_ms: float, before) -> dict:
     per_step = {name: dict(count=count / steps_per_call, ms=us / 1e3 / steps_per_call)
                 for name, (count, us) in sorted(by_name.items(), key=lambda item: -item[1][1])}
     matvec = sum(k["ms"] for name, k in per_step.items() if any(m in name for m in MATVEC_KERNELS))
+    all_reduce = sum(k["ms"] for name, k in per_step.items() if any(m in name for m in ALL_REDUCE_KERNELS))
     busy = sum(k["ms"] for k in per_step.values())
     return dict(kernels=round(sum(k["count"] for k in per_step.values())), step_ms=step_ms, matvec_ms=matvec,
-                other_ms=busy - matvec, gaps_ms=max(0.0, step_ms - busy), by_kernel=per_step)
+                all_reduce_ms=all_reduce, other_ms=busy - matvec, gaps_ms=max(0.0, step_ms - busy),
+                by_kernel=per_step)
 
 
 def read_bandwidth(device) -> float:
@@ -765,7 +805,13 @@ def projected_speedup(alpha, gamma, dense_ms, draft_ms, verify_ms) -> float:
 
 
 def peak_memory(device) -> int | None:
-    return torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    """Peak bytes allocated on this GPU; under torchrun, on the fullest rank's GPU."""
+    if device.type != "cuda":
+        return None
+    peak = torch.tensor([torch.cuda.max_memory_allocated()], device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(peak, torch.distributed.ReduceOp.MAX)
+    return int(peak.item())
 
 
 def fmt_gb(n) -> str:
@@ -903,7 +949,7 @@ def documents_table(totals, step_rows, step_models) -> list[dict]:
             # (reselect's refreshes are not counted).
             d = row["drafts"][kind if kind in row["drafts"] else "topk"]
             verify = row["verify_ms"].get(str(gamma))
-            if verify is not None:
+            if verify is not None and "draft_ms" in d:  # a draft skipped for memory has no step time
                 entry["projected"][name] = tpr * row["dense_ms"] / (gamma * d["draft_ms"] + verify)
         if step_rows:
             line += " | " + " ".join(f"{entry['projected'][name]:.2f}x" if name in entry["projected"] else "-"
@@ -1007,7 +1053,8 @@ def kernels_mode(args, model, device):
 def main(argv=None):
     args = parse_args(argv)
     warnings.formatwarning = lambda message, *_: f"note: {message}\n"  # a library's notice, shown as one line
-    args.tp = tp.init() if tp.launched() else None  # (rank, world): every rank runs all of this, rank 0 reports
+    # (rank, world): every rank runs all of this, rank 0 reports
+    args.tp = tp.init(one_shot=args.all_reduce != "nccl") if tp.launched() else None
     if args.tp and args.tp[0] != 0:
         sys.stdout = sys.stderr = open(os.devnull, "w")
     device = tp.device() if args.tp else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -1050,6 +1097,8 @@ def main(argv=None):
         report = video_mode(args, config, device, dtype)
     report["dtype"] = str(dtype).removeprefix("torch.")
     report["tp"] = args.tp[1] if args.tp else 1
+    if args.tp:
+        report["all_reduce"] = tp.all_reduce_kind()
     report["command"] = " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:]))
     report["date"] = time.strftime("%Y-%m-%d")
     if args.json and not (args.tp and args.tp[0] != 0):

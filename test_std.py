@@ -1154,6 +1154,22 @@ def test_bench_steps_mode_runs(tmp_path):
     assert set(rows[0]["drafts"]) == {"topk", "topk-int8", "topk-int4", "layerskip"}
 
 
+def test_bench_steps_mode_reports_a_draft_that_does_not_fit(tmp_path, monkeypatch, capsys):
+    """A quantized copy that runs out of memory is a row that says so; the other drafts are still timed."""
+    import bench as bench_lib
+    import quant
+
+    def out_of_memory(model, bits):
+        raise torch.OutOfMemoryError("no room")
+
+    monkeypatch.setattr(quant, "quantized_copy", out_of_memory)
+    bench_lib.main(["--steps", "256", "--k", "16", "--json", str(tmp_path / "steps.json")])
+    drafts = json.loads((tmp_path / "steps.json").read_text())["rows"][0]["drafts"]
+    assert {kind for kind, d in drafts.items() if "skipped" in d} == {"topk-int8", "topk-int4"}
+    assert all("draft_ms" in drafts[kind] for kind in ("topk", "layerskip"))
+    assert "topk-int4 skipped: its weights or cache do not fit" in capsys.readouterr().out
+
+
 def test_bench_runs_end_to_end_on_the_cpu(tmp_path):
     """The table, its legend, the outputs' first line, the picture of what the draft keeps; the clip bench.py makes
     for itself is removed after."""
@@ -1249,6 +1265,7 @@ def test_bench_reports_bad_input_in_one_line(tmp_path):
     (["--draft", "sibling"], "give --draft-model"),
     (["--documents", "README.md", "--draft-model", "tiny"], "--draft-model goes with the video mode and --steps"),
     (["--draft-model", "tiny", "--show-selection", "kept.png"], "not the sibling's"),
+    (["--all-reduce", "nccl"], "run under torchrun"),
 ])
 def test_bench_refuses_bad_flags(argv, message, capsys):
     import bench as bench_lib

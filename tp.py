@@ -15,7 +15,13 @@ columns of the down projection. The output and down projections then give partia
 adds across the ranks: two a layer. The embedding, the norms, the head and the vision tower are whole on every rank,
 so every rank computes the same logits and picks the same tokens. Each rank's KV cache holds its own KV heads, and
 StD's selection, made per KV head, runs on each rank for its own heads.
+
+A decode step's all-reduces are small (a few rows of `dim` numbers) and there are two a layer, so their latency,
+not their bandwidth, is what costs. On GPUs, init() therefore sets up PyTorch's symmetric memory: each rank writes its
+partial sums into a buffer the other GPUs map, and one kernel reads every rank's buffer and adds (a "one-shot"
+all-reduce, which CUDA graphs capture). Larger messages (prefill) go through NCCL.
 """
+import logging
 import os
 
 import torch
@@ -24,18 +30,43 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 
 
+ONE_SHOT_BYTES = 1 << 21  # the largest message the one-shot all-reduce takes; larger ones (prefill) go through NCCL
+_one_shot = None  # (symmetric buffer, group name) once init() set it up
+
+
 def launched() -> bool:
     """Whether this process is one of several that torchrun started."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init() -> tuple[int, int]:
-    """Join the process group torchrun describes (NCCL with one GPU a rank, else gloo); -> (rank, world size)."""
+def init(one_shot: bool = True) -> tuple[int, int]:
+    """Join the process group torchrun describes (NCCL with one GPU a rank, else gloo); -> (rank, world size).
+
+    one_shot: on GPUs with two ranks, small all-reduces read the other rank's buffer directly (symmetric memory)
+    instead of going through NCCL. NVLink multicast stays off (TORCH_SYMM_MEM_DISABLE_MULTICAST)."""
+    global _one_shot
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    _one_shot = None
+    if one_shot and torch.cuda.is_available() and world == 2:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+        group = dist.group.WORLD
+        buffer = symm_mem.empty(ONE_SHOT_BYTES, dtype=torch.uint8, device=device())
+        symm_mem.rendezvous(buffer, group.group_name)
+        _one_shot = (buffer, group.group_name)
+        # torch.compile warns, for every graph, that it could not place the operator's input in symmetric memory
+        # itself: the input is this buffer, which is there already.
+        logging.getLogger("torch._inductor.comm_lowering").setLevel(logging.ERROR)
     return rank, world
+
+
+def all_reduce_kind() -> str:
+    """How the decode steps' all-reduces run: "one-shot" (symmetric memory), or the process group's backend."""
+    return "one-shot" if _one_shot is not None else dist.get_backend()
 
 
 def device() -> torch.device:
@@ -47,9 +78,13 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     of kernels.py). With two ranks an element's sum is one addition, which commutes, so any all-reduce keeps it.
     With more, all-reduce algorithms add in an order set by where the element sits in the message (a one-token step
     and a verify pass would round differently), so the partial sums are gathered and added in rank order.
-    Functional collectives, so that torch.compile traces them and CUDA graphs capture them."""
+    Functional collectives and symmetric-memory operators, which torch.compile traces and CUDA graphs capture."""
     group = dist.group.WORLD
     if dist.get_world_size(group) == 2:
+        if _one_shot is not None and x.numel() * x.element_size() <= ONE_SHOT_BYTES:
+            buffer, name = _one_shot
+            symmetric = buffer[:x.numel() * x.element_size()].view(x.dtype).view(x.shape)
+            return torch.ops.symm_mem.one_shot_all_reduce_copy(symmetric, x.contiguous(), "sum", name)
         return funcol.all_reduce(x, "sum", group)
     parts = funcol.all_gather_tensor(x.contiguous(), 0, group).view(-1, *x.shape)
     total = parts[0]
