@@ -193,7 +193,7 @@ def _blocks(w: Weights, K: int) -> dict:
     few output rows gets narrow column blocks, so that there are programs for every multiprocessor; a long row
     gets a deeper pipeline of loads."""
     N = w.data.shape[0]
-    if w.bits == 8:
+    if w.bits == 8:  # int8 keeps its own settings: the 16-bit rule measured slower for it (BENCHMARKS.md, section 8)
         return dict(BLOCK_N=64 if N >= 16384 else 32, BLOCK_K=_block_k(K, 256), BITS=8, num_warps=4, num_stages=4)
     wide = N >= 16384
     block_k = _block_k(K, 128 if wide else 256)
