@@ -139,6 +139,8 @@ def parse_args(argv=None):
         p.error("--show-selection draws the per-layer choice of a top-k draft, not the sibling's")
     if args.all_reduce and not tp.launched():
         p.error("--all-reduce chooses how tensor-parallel ranks add: run under torchrun")
+    if args.all_reduce == "one-shot" and (os.environ.get("WORLD_SIZE") != "2" or not torch.cuda.is_available()):
+        p.error("--all-reduce one-shot needs two ranks, one GPU each")
     if tp.launched():
         one_process = [flag for flag, given in (("--kernels", args.kernels), ("--documents", args.documents),
                                                 ("--transformers", args.transformers),
@@ -719,7 +721,7 @@ def print_steps_report(report, args):
 
 
 MATVEC_KERNELS = ("_linear_kernel", "_qkv_rotary_kernel", "tinygemm")  # kernels.py's products, PyTorch's int4
-ALL_REDUCE_KERNELS = ("nccl", "all_reduce")  # NCCL's, symmetric memory's (tp.py)
+ALL_REDUCE_KERNELS = ("nccl", "one_shot_all_reduce_kernel")  # NCCL's, symmetric memory's (tp.py)
 
 
 def kernel_profile(step, steps_per_call: int, step_ms: float, before) -> dict:
@@ -732,7 +734,9 @@ def kernel_profile(step, steps_per_call: int, step_ms: float, before) -> dict:
     step()
     torch.cuda.synchronize()
     before()
-    if torch.distributed.is_initialized():  # else one rank's all-reduces would count the time it waits for the other
+    if torch.distributed.is_initialized():
+        # Else one rank's all-reduces count the time it waits for the other. (Not always enough: a run's first
+        # profile has still read such a wait, BENCHMARKS.md section 10.)
         torch.distributed.barrier()
         torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -1104,7 +1108,7 @@ def main(argv=None):
     if args.json and not (args.tp and args.tp[0] != 0):
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
     if args.tp:
-        torch.distributed.destroy_process_group()
+        tp.close()
 
 
 if __name__ == "__main__":

@@ -202,7 +202,7 @@ def _blocks(w: Weights, K: int) -> dict:
 
 
 def _block_k(K: int, largest: int) -> int:
-    return next(b for b in (512, 256, 128, 64, 32, 16) if b <= largest and K % b == 0)
+    return next(b for b in (256, 128, 64, 32, 16) if b <= largest and K % b == 0)
 
 
 def _precision(x: torch.Tensor) -> str:

@@ -1275,6 +1275,36 @@ def test_bench_refuses_bad_flags(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_bench_refuses_a_one_shot_all_reduce_it_cannot_run(monkeypatch, capsys):
+    import bench as bench_lib
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(SystemExit):
+        bench_lib.parse_args(["--all-reduce", "one-shot"])
+    assert "--all-reduce one-shot needs two ranks, one GPU each" in capsys.readouterr().err
+
+
+def everywhere_worker(rank, world, init_file, out):
+    import torch.distributed as dist
+
+    import bench as bench_lib
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        answers = [bench_lib.everywhere(rank != 1), bench_lib.everywhere(True)]
+        if rank == 0:
+            torch.save(answers, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bench_skips_a_draft_on_every_rank_when_one_rank_cannot_build_it(tmp_path):
+    """Under torchrun, a draft that does not fit on one GPU is skipped on all, or the others would wait for it."""
+    torch.multiprocessing.spawn(everywhere_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out.pt")),
+                                nprocs=2)
+    assert torch.load(tmp_path / "out.pt") == [False, True]
+
+
 def test_bench_help_gives_every_flag_a_line_and_its_default(capsys):
     import bench as bench_lib
 

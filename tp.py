@@ -17,9 +17,10 @@ so every rank computes the same logits and picks the same tokens. Each rank's KV
 StD's selection, made per KV head, runs on each rank for its own heads.
 
 A decode step's all-reduces are small (a few rows of `dim` numbers) and there are two a layer, so their latency,
-not their bandwidth, is what costs. On GPUs, init() therefore sets up PyTorch's symmetric memory: each rank writes its
-partial sums into a buffer the other GPUs map, and one kernel reads every rank's buffer and adds (a "one-shot"
-all-reduce, which CUDA graphs capture). Larger messages (prefill) go through NCCL.
+not their bandwidth, is what costs. With two GPU ranks, init() therefore sets up PyTorch's symmetric memory: each rank
+writes its partial sums into a buffer the other GPU maps, and one kernel reads both buffers and adds (a "one-shot"
+all-reduce, which CUDA graphs capture). Messages past ONE_SHOT_BYTES (prefill) and dtypes the kernel lacks go
+through NCCL; with two ranks both give the same bits.
 """
 import logging
 import os
@@ -30,8 +31,17 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 
 
-ONE_SHOT_BYTES = 1 << 21  # the largest message the one-shot all-reduce takes; larger ones (prefill) go through NCCL
+ONE_SHOT_BYTES = 1 << 21  # the symmetric buffer: room for a decode step's message, not for a prefill's
+ONE_SHOT_DTYPES = (torch.bfloat16, torch.float32)  # what PyTorch's one-shot kernel adds
 _one_shot = None  # (symmetric buffer, group name) once init() set it up
+
+
+class _SymmetricInputNote(logging.Filter):
+    """torch.compile (2.11) warns, for every graph, that it could not place the one-shot operator's input in
+    symmetric memory itself: the input is our buffer, which is there already."""
+
+    def filter(self, record):
+        return "Failed to realize the input as a symmetric memory buffer" not in record.getMessage()
 
 
 def launched() -> bool:
@@ -43,7 +53,8 @@ def init(one_shot: bool = True) -> tuple[int, int]:
     """Join the process group torchrun describes (NCCL with one GPU a rank, else gloo); -> (rank, world size).
 
     one_shot: on GPUs with two ranks, small all-reduces read the other rank's buffer directly (symmetric memory)
-    instead of going through NCCL. NVLink multicast stays off (TORCH_SYMM_MEM_DISABLE_MULTICAST)."""
+    instead of going through NCCL. The one-shot kernel needs no NVLink multicast, so TORCH_SYMM_MEM_DISABLE_MULTICAST
+    is set unless the environment says otherwise."""
     global _one_shot
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if torch.cuda.is_available():
@@ -53,15 +64,23 @@ def init(one_shot: bool = True) -> tuple[int, int]:
     if one_shot and torch.cuda.is_available() and world == 2:
         import torch.distributed._symmetric_memory as symm_mem
 
+        if not hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy"):
+            raise ImportError(f"the one-shot all-reduce needs torch 2.8 or newer (this is {torch.__version__}): "
+                              "pass one_shot=False (bench.py --all-reduce nccl)")
         os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
         group = dist.group.WORLD
         buffer = symm_mem.empty(ONE_SHOT_BYTES, dtype=torch.uint8, device=device())
         symm_mem.rendezvous(buffer, group.group_name)
         _one_shot = (buffer, group.group_name)
-        # torch.compile warns, for every graph, that it could not place the operator's input in symmetric memory
-        # itself: the input is this buffer, which is there already.
-        logging.getLogger("torch._inductor.comm_lowering").setLevel(logging.ERROR)
+        logging.getLogger("torch._inductor.comm_lowering").addFilter(_SymmetricInputNote())
     return rank, world
+
+
+def close() -> None:
+    """Leave the process group (and let the symmetric buffer go first)."""
+    global _one_shot
+    _one_shot = None
+    dist.destroy_process_group()
 
 
 def all_reduce_kind() -> str:
@@ -81,7 +100,7 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     Functional collectives and symmetric-memory operators, which torch.compile traces and CUDA graphs capture."""
     group = dist.group.WORLD
     if dist.get_world_size(group) == 2:
-        if _one_shot is not None and x.numel() * x.element_size() <= ONE_SHOT_BYTES:
+        if _one_shot is not None and x.dtype in ONE_SHOT_DTYPES and x.numel() * x.element_size() <= ONE_SHOT_BYTES:
             buffer, name = _one_shot
             symmetric = buffer[:x.numel() * x.element_size()].view(x.dtype).view(x.shape)
             return torch.ops.symm_mem.one_shot_all_reduce_copy(symmetric, x.contiguous(), "sum", name)
