@@ -190,8 +190,7 @@ def video_mode(args, config, device, dtype):
                     raise ValueError(f"--k {args.k} is more than the {visual} visual tokens of {path}: the sibling "
                                      "keeps k of them")
         model, processor = load_model(args, device, dtype)
-        draft_model = load_model(argparse.Namespace(model=args.draft_model), device, dtype)[0] \
-            if args.draft_model else None
+        draft_model = load_draft_model(args, device, dtype)
         if processor is None:
             print(f"{args.model} has no tokenizer: --question is ignored, the prompt's text is random token ids, and "
                   "outputs are shown as token ids", file=sys.stderr)
@@ -271,6 +270,13 @@ def load_model(args, device, dtype):
     model, processor = load.load(args.model, device=device, dtype=dtype, shard=getattr(args, "tp", None))
     print(f"  {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return model, processor
+
+
+def load_draft_model(args, device, dtype):
+    """The --draft-model, whole on every tensor-parallel rank (its steps need no all-reduce), or None."""
+    if not args.draft_model:
+        return None
+    return load_model(argparse.Namespace(model=args.draft_model), device, dtype)[0]
 
 
 def video_prompt(clip, processor, config, question, seed=0):
@@ -1092,9 +1098,7 @@ def main(argv=None):
         if args.kernels:
             report = kernels_mode(args, model, device)
         elif args.steps:
-            draft_model = load_model(argparse.Namespace(model=args.draft_model), device, dtype)[0] \
-                if args.draft_model else None
-            report = steps_mode(args, model, device, args.steps, draft_model)
+            report = steps_mode(args, model, device, args.steps, load_draft_model(args, device, dtype))
         else:
             report = documents_mode(args, model, processor, device)
     else:
