@@ -1056,6 +1056,7 @@ def tensor_parallel_worker(rank, world, init_file, out):
         tokens = decode_every_way(model, sibling, batch)
         if rank == 0:
             torch.save(dict(logits=logits, tokens=tokens, kv_heads=model.new_cache(1, 8).k[0].shape[1]), out)
+        dist.barrier()  # leave the group together: a rank torn down while the other still works can abort in gloo
     finally:
         dist.destroy_process_group()
 
@@ -1095,6 +1096,7 @@ def tensor_parallel_invariance_worker(rank, world, init_file, out):
             cache.lengths += 1
         if rank == 0:
             torch.save(torch.equal(torch.stack(steps, 1), verify), out)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -1294,6 +1296,7 @@ def everywhere_worker(rank, world, init_file, out):
         answers = [bench_lib.everywhere(rank != 1), bench_lib.everywhere(True)]
         if rank == 0:
             torch.save(answers, out)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
