@@ -290,6 +290,7 @@ if triton is not None:
                           SCALE: tl.constexpr):
         # One program: one tile of ROWS rows of one sequence and KV head, over one fixed piece of SPLIT slots. Its
         # rows are (token, query head of the group): each key and value is read once for all of them.
+        LOG2_SCALE: tl.constexpr = SCALE * 1.4426950408889634
         pid, split = tl.program_id(0), tl.program_id(1)
         tile, bh = pid % n_tiles, pid // n_tiles
         b, h = bh // n_kv_heads, bh % n_kv_heads
@@ -297,7 +298,7 @@ if triton is not None:
         row_ok = r < T * GROUP
         t, g = r // GROUP, r % GROUP
         d = tl.arange(0, HEAD_DIM)
-        length = tl.load(Lengths + b)
+        length = tl.load(Lengths + b).to(tl.int32)  # slots in 32 bits: 64-bit masks cost two compares a slot
         visible_end = length + t + 1  # token t sees the cache and the new tokens up to itself
         last_t = tl.minimum(tile * ROWS + ROWS - 1, T * GROUP - 1) // GROUP
         start = split * SPLIT
@@ -311,16 +312,20 @@ if triton is not None:
         # Blocks past a row's last visible slot change nothing of it, bit for bit (their weights are exactly 0 and
         # the running maximum stays): a row gets the same result in a call of one token or of many.
         for s in range(start, end, BLOCK_N):
-            slots = s + tl.arange(0, BLOCK_N)
-            in_range = (slots < end)[:, None]
-            k = tl.load(K + b * skb + h * skh + slots[:, None] * sks + d[None, :], mask=in_range, other=0.0)
-            v = tl.load(V + b * svb + h * svh + slots[:, None] * svs + d[None, :], mask=in_range, other=0.0)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE
-            scores = tl.where(slots[None, :] < visible_end[:, None], scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, 1))
+            # Masks compare j = slot - s, a slot's place in the block, with per-row bounds: the compiler keeps j in 32
+            # bits (the slot itself it widens to 64, two compares each).
+            j = tl.arange(0, BLOCK_N)
+            in_range = (j < end - s)[:, None]
+            k = tl.load(K + b * skb + h * skh + (s + j)[:, None] * sks + d[None, :], mask=in_range, other=0.0)
+            v = tl.load(V + b * svb + h * svh + (s + j)[:, None] * svs + d[None, :], mask=in_range, other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            scores = tl.where(j[None, :] < (visible_end - s)[:, None], scores, float("-inf"))
+            # The running maximum and the weights in base 2 (scores scaled by SCALE * log2(e)): each weight is one
+            # multiply-add and one exp2.
+            m_new = tl.maximum(m, tl.max(scores, 1) * LOG2_SCALE)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(scores - m_safe[:, None])
-            alpha = tl.exp(m - m_safe)
+            p = tl.exp2(scores * LOG2_SCALE - m_safe[:, None])
+            alpha = tl.exp2(m - m_safe)
             l = l * alpha + tl.sum(p, 1)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
             m = m_new
@@ -328,7 +333,7 @@ if triton is not None:
         store = row_ok & (start < visible_end)  # the merge reads only the splits a row sees, and they are not empty
         l = tl.where(store, l, 1.0)
         tl.store(Part + row[:, None] * spr + split * sps + d[None, :], acc / l[:, None], mask=store[:, None])
-        tl.store(Lse + row * slr + split, m + tl.log(l), mask=store)
+        tl.store(Lse + row * slr + split, m + tl.log2(l), mask=store)  # base 2, as the merge reads it
 
     @triton.jit
     def _merge_kernel(Part, Lse, Lengths, Out, T, spr, sps, slr, som, N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -348,7 +353,7 @@ if triton is not None:
         acc = tl.zeros([HEAD_DIM], tl.float32)
         for s0 in range(0, n, BLOCK_S):
             ok = s0 + s < n
-            weight = tl.exp(tl.load(Lse + row * slr + s0 + s, mask=ok, other=float("-inf")) - top_all)
+            weight = tl.exp2(tl.load(Lse + row * slr + s0 + s, mask=ok, other=float("-inf")) - top_all)
             part = tl.load(Part + row * spr + (s0 + s)[:, None] * sps + d[None, :], mask=ok[:, None], other=0.0)
             total += weight
             acc += tl.sum(weight[:, None] * part, 0)
