@@ -298,7 +298,7 @@ if triton is not None:
         row_ok = r < T * GROUP
         t, g = r // GROUP, r % GROUP
         d = tl.arange(0, HEAD_DIM)
-        length = tl.load(Lengths + b).to(tl.int32)  # slots in 32 bits: 64-bit masks cost two compares a slot
+        length = tl.load(Lengths + b).to(tl.int32)  # slot arithmetic in 32 bits (see the masks below)
         visible_end = length + t + 1  # token t sees the cache and the new tokens up to itself
         last_t = tl.minimum(tile * ROWS + ROWS - 1, T * GROUP - 1) // GROUP
         start = split * SPLIT
@@ -338,8 +338,9 @@ if triton is not None:
     @triton.jit
     def _merge_kernel(Part, Lse, Lengths, Out, T, spr, sps, slr, som, N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                       BLOCK_S: tl.constexpr, SPLIT: tl.constexpr):
-        # One program: one (sequence, token, query head). Its splits are combined by their log-sum-exp in a fixed
-        # order: BLOCK_S at a time, by the same reduction tree; splits past the row's end weigh exactly 0.
+        # One program: one (sequence, token, query head). Its splits are combined by their log-sum-exp (base 2, as
+        # the attention kernel stores it) in a fixed order: BLOCK_S at a time, by the same reduction tree; splits
+        # past the row's end weigh exactly 0.
         row = tl.program_id(0)  # (b * T + t) * N_HEADS + head
         b, t, head = row // (T * N_HEADS), (row // N_HEADS) % T, row % N_HEADS
         n = tl.cdiv(tl.load(Lengths + b) + t + 1, SPLIT)
