@@ -1,12 +1,14 @@
 """Triton kernels for the decode steps: a few new tokens against the weights and a long KV cache, at bandwidth.
 
-A decoder layer's step on a GPU is eight launches:
-    q = qkv_rotary(rms_norm(x), ...)     the q/k/v product, rotary embedding; new keys/values into the cache
-    a = decode_attention(q, cache)       split-KV attention over fixed pieces of the cache, then one merge launch
-    x = linear(a, o_proj, residual=x)    the output projection plus the residual
-    h = gated_linear(rms_norm(x), ...)   gate and up, SiLU(gate) * up
-    x = linear(h, down, residual=x)      the down projection plus the residual
-and the head is `linear(rms_norm(x), lm_head)`. Weights come as bfloat16/float32 or int8 (`Weights`).
+A decoder layer's step on a GPU is six launches:
+    q = qkv_rotary(x, ...)                       the q/k/v product, rotary embedding; new keys/values into the cache
+    a = decode_attention(q, cache)               split-KV attention over fixed pieces of the cache, then one merge
+    x = linear(a, o_proj, residual=x, then_norm) the output projection plus the residual
+    h = gated_linear(x, gate_up)                 gate and up, SiLU(gate) * up
+    x = linear(h, down, residual=x, then_norm)   the down projection plus the residual
+and the head is `linear(x, lm_head)`. The RMSNorms have no launches of their own: a product that writes the residual
+stream also writes it times the next norm's weight and its sums of squares (`PendingNorm`), and the product that
+reads it scales its sums by 1 / rms. Weights come as bfloat16/float32 or int8 (`Weights`).
 
 Batch invariance: a row's arithmetic never depends on the other rows of the call. Rows go through in tiles of
 ROW_TILE whatever their number, every reduction runs in a fixed order over blocks that depend only on the shapes of
@@ -44,6 +46,18 @@ class Weights(NamedTuple):
     scale: torch.Tensor | None = None
 
 
+class PendingNorm(NamedTuple):
+    """x on its way into an RMSNorm and the product after it, which finishes the norm.
+
+    RMSNorm(x) @ w^T = (x * weight) @ w^T / rms(x): the product reads `scaled` as it is (an operand changed in
+    registers costs a trip through shared memory every step, see `_product`) and multiplies its sums by 1 / rms(x),
+    the squares added in a fixed order (batch-invariant)."""
+    x: torch.Tensor  # [..., K] the residual stream itself
+    scaled: torch.Tensor  # [..., K] x * the norm's weight, rounded to x's dtype
+    squares: torch.Tensor  # [M, P] float32: sums of x^2 over P pieces of each of the M rows
+    eps: float
+
+
 def readable(linear) -> bool:
     """Whether the kernels read this layer: an nn.Linear, or a module with its own `decode_weights()` (quant.py)."""
     return isinstance(linear, torch.nn.Linear) or hasattr(linear, "decode_weights")
@@ -68,23 +82,34 @@ if triton is not None:
     TILE = tl.constexpr(ROW_TILE)
 
     @triton.jit
-    def _rms_norm_kernel(X, sxm, Weight, Y, sym, eps, K: tl.constexpr, BLOCK: tl.constexpr):
-        # One program a row, the whole row at once: RMSNorm as model.RMSNorm rounds it (normalised in float32,
-        # rounded, then scaled by the weight).
+    def _pending_norm_kernel(X, sxm, Weight, Scaled, ssm, Squares, ssq, K: tl.constexpr, BLOCK: tl.constexpr):
+        # One program a row, the whole row at once: x * weight and the sum of x^2 (one piece).
         row = tl.program_id(0)
         k = tl.arange(0, BLOCK)
         x = tl.load(X + row * sxm + k, mask=k < K, other=0.0).to(tl.float32)
-        normed = (x * tl.rsqrt(tl.sum(x * x, 0) / K + eps)).to(Y.dtype.element_ty)
-        tl.store(Y + row * sym + k, normed * tl.load(Weight + k, mask=k < K, other=0.0), mask=k < K)
+        tl.store(Squares + row * ssq, tl.sum(x * x, 0))
+        weight = tl.load(Weight + k, mask=k < K, other=0.0).to(tl.float32)
+        tl.store(Scaled + row * ssm + k, (x * weight).to(Scaled.dtype.element_ty), mask=k < K)
 
     @triton.jit
-    def _product(X, sxm, rows, row_ok, W, swn, Scale, cols, col_ok, K, BITS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    def _write_pending_norm(y, rows, row_ok, cols, col_ok, piece, NormWeight, Scaled, ssm, Squares, ssq):
+        # y [TILE, BLOCK_N]: the rounded output, in float32. Its columns are piece `piece` of each row's squares.
+        # (The norm's weight loaded before the product measured slower with int8 weights.)
+        tl.store(Squares + rows * ssq + piece, tl.sum(tl.where(col_ok[None, :], y * y, 0.0), 1), mask=row_ok)
+        weight = tl.load(NormWeight + cols, mask=col_ok, other=0.0).to(tl.float32)
+        tl.store(Scaled + rows[:, None] * ssm + cols[None, :], (y * weight[None, :]).to(Scaled.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+    @triton.jit
+    def _product(X, sxm, rows, row_ok, W, swn, Scale, cols, col_ok, K, InSquares, sisq, P, eps, BITS: tl.constexpr,
+                 NORM_IN: tl.constexpr, P_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PRECISION: tl.constexpr):
         """float32 [TILE, BLOCK_N]: x[rows] times the weight rows `cols`, summed over K in order, BLOCK_K at a time.
+        NORM_IN: x is a PendingNorm's `scaled`, and the sums are multiplied by 1 / rms(x).
 
         Both operands go into the tensor-core product exactly as loaded: an operand changed in registers (an RMSNorm
-        folded in, int4 values dequantized) costs a trip through shared memory every step, which measured slower
-        than a separate norm kernel, and int4 slower than PyTorch's own kernel (BENCHMARKS.md)."""
+        applied to x, int4 values dequantized) costs a trip through shared memory every step, which measured slower
+        than a separate norm kernel, and int4 slower than PyTorch's own kernel (BENCHMARKS.md). Hence PendingNorm."""
         acc = tl.zeros([TILE, BLOCK_N], tl.float32)
         k = tl.arange(0, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
@@ -93,12 +118,20 @@ if triton is not None:
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
         if BITS == 8:
             acc *= tl.load(Scale + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if NORM_IN:
+            # The P pieces of the squares, added by one reduction tree. Read here, not before the loop or a piece
+            # a step alongside x: both measured slower (registers held through the loop; instructions in it).
+            p = tl.arange(0, P_BLOCK)
+            squares = tl.load(InSquares + rows[:, None] * sisq + p[None, :], mask=row_ok[:, None] & (p < P)[None, :],
+                              other=0.0)
+            acc *= tl.rsqrt(tl.sum(squares, 1) / K + eps)[:, None]
         return acc
 
     @triton.jit
-    def _linear_kernel(X, sxm, W, swn, Scale, Bias, Res, srm, Y, sym, M, N, K, BITS: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    def _linear_kernel(X, sxm, W, swn, Scale, Bias, Res, srm, Y, sym, M, N, K, InSquares, sisq, P, eps, NormWeight,
+                       Scaled, sscm, OutSquares, sosq, BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       RESIDUAL: tl.constexpr, GATED: tl.constexpr, NORM_IN: tl.constexpr, NORM_OUT: tl.constexpr,
+                       P_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
         # Row tiles are the fastest program index: the tiles that share a block of the weight run together, so it
         # comes from memory once and from the L2 cache after.
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -113,7 +146,10 @@ if triton is not None:
             out_cols = pid_n * BLOCK_N + j
             cols = out_cols
             col_ok = cols < N
-        acc = _product(X, sxm, rows, row_ok, W, swn, Scale, cols, col_ok, K, BITS, BLOCK_N, BLOCK_K, PRECISION)
+        if RESIDUAL:  # loaded before the product, so that its latency hides behind the weight's
+            res = tl.load(Res + rows[:, None] * srm + out_cols[None, :], mask=row_ok[:, None], other=0.0)
+        acc = _product(X, sxm, rows, row_ok, W, swn, Scale, cols, col_ok, K, InSquares, sisq, P, eps, BITS, NORM_IN,
+                       P_BLOCK, BLOCK_N, BLOCK_K, PRECISION)
         if HAS_BIAS:
             acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         y = acc.to(Y.dtype.element_ty)  # rounded as the unfused layer rounds its product
@@ -122,17 +158,19 @@ if triton is not None:
             gate = gate.to(tl.float32)
             y = (gate * tl.sigmoid(gate)).to(Y.dtype.element_ty).to(tl.float32) * up.to(tl.float32)
         if RESIDUAL:
-            y = tl.load(Res + rows[:, None] * srm + out_cols[None, :], mask=row_ok[:, None], other=0.0).to(
-                tl.float32) + y.to(tl.float32)
-        tl.store(Y + rows[:, None] * sym + out_cols[None, :], y.to(Y.dtype.element_ty),
-                 mask=row_ok[:, None] & (out_cols < N)[None, :])
+            y = res.to(tl.float32) + y.to(tl.float32)
+        y = y.to(Y.dtype.element_ty)
+        tl.store(Y + rows[:, None] * sym + out_cols[None, :], y, mask=row_ok[:, None] & (out_cols < N)[None, :])
+        if NORM_OUT:
+            _write_pending_norm(y.to(tl.float32), rows, row_ok, out_cols, out_cols < N, pid_n, NormWeight, Scaled,
+                                sscm, OutSquares, sosq)
 
     @triton.jit
     def _qkv_rotary_kernel(X, sxm, W, swn, Scale, Bias, Pos, InvFreq, Q, sqm, T,
                            K1, V1, L1, sk1b, sk1h, sk1s, sv1b, sv1h, sv1s,
-                           K2, V2, L2, sk2b, sk2h, sk2s, sv2b, sv2h, sv2s, M, N, K,
+                           K2, V2, L2, sk2b, sk2h, sk2s, sv2b, sv2h, sv2s, M, N, K, InSquares, sisq, P, eps,
                            N_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           BITS: tl.constexpr, HAS_BIAS: tl.constexpr, MIRROR: tl.constexpr,
+                           BITS: tl.constexpr, HAS_BIAS: tl.constexpr, MIRROR: tl.constexpr, P_BLOCK: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
         # A program holds BLOCK_N / 2 rotary pairs (i, i + HEAD_DIM / 2) of one head, so it can turn them itself.
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -144,37 +182,42 @@ if triton is not None:
         cols = head * HEAD_DIM + (pid_n % PER_HEAD) * PAIRS + j // 2 + (j % 2) * (HEAD_DIM // 2)
         rows = pid_m * TILE + tl.arange(0, TILE)
         row_ok = rows < M
-        acc = _product(X, sxm, rows, row_ok, W, swn, Scale, cols, cols < N, K, BITS, BLOCK_N, BLOCK_K, PRECISION)
+        b, t = rows // T, rows % T
+        # The epilogue's operands first, so that their latency hides behind the weight's stream. Generated tokens
+        # are text: one position on every M-RoPE axis, so every frequency turns with it.
+        angle = tl.load(Pos + rows, mask=row_ok, other=0).to(tl.float32)[:, None] * tl.load(InvFreq + i)[None, :]
+        cos, sin = tl.cos(angle), tl.sin(angle)
+        slot1 = tl.load(L1 + b, mask=row_ok, other=0) + t  # a new key's or value's slot: the length plus its index
+        slot2 = tl.load(L2 + b, mask=row_ok, other=0) + t
         if HAS_BIAS:
-            acc += tl.load(Bias + cols).to(tl.float32)[None, :]
+            bias = tl.load(Bias + cols).to(tl.float32)
+        acc = _product(X, sxm, rows, row_ok, W, swn, Scale, cols, cols < N, K, InSquares, sisq, P, eps, BITS, True,
+                       P_BLOCK, BLOCK_N, BLOCK_K, PRECISION)
+        if HAS_BIAS:
+            acc += bias[None, :]
         first, second = tl.split(tl.reshape(acc.to(Q.dtype.element_ty), (TILE, PAIRS, 2)))
         first, second = first.to(tl.float32), second.to(tl.float32)
         if head < N_HEADS + N_KV_HEADS:  # queries and keys turn; values do not
-            # Generated tokens are text: one position on every M-RoPE axis, so every frequency turns with it.
-            angle = tl.load(Pos + rows, mask=row_ok, other=0).to(tl.float32)[:, None] * tl.load(InvFreq + i)[None, :]
-            cos, sin = tl.cos(angle), tl.sin(angle)
             first, second = first * cos - second * sin, second * cos + first * sin
         first, second = first.to(Q.dtype.element_ty), second.to(Q.dtype.element_ty)
         if head < N_HEADS:
             out = Q + rows[:, None] * sqm + head * HEAD_DIM + i[None, :]
             tl.store(out, first, mask=row_ok[:, None])
             tl.store(out + HEAD_DIM // 2, second, mask=row_ok[:, None])
-        else:  # a key or value head: into the cache (and the mirror) at the sequence's length plus the token's index
-            b, t = rows // T, rows % T
+        else:  # a key or value head: into the cache (and the mirror)
             if head < N_HEADS + N_KV_HEADS:
-                _write_head(K1, L1, sk1b, sk1h, sk1s, b, t, head - N_HEADS, i, first, second, row_ok, HEAD_DIM)
+                _write_head(K1, slot1, sk1b, sk1h, sk1s, b, head - N_HEADS, i, first, second, row_ok, HEAD_DIM)
                 if MIRROR:
-                    _write_head(K2, L2, sk2b, sk2h, sk2s, b, t, head - N_HEADS, i, first, second, row_ok, HEAD_DIM)
+                    _write_head(K2, slot2, sk2b, sk2h, sk2s, b, head - N_HEADS, i, first, second, row_ok, HEAD_DIM)
             else:
                 h = head - N_HEADS - N_KV_HEADS
-                _write_head(V1, L1, sv1b, sv1h, sv1s, b, t, h, i, first, second, row_ok, HEAD_DIM)
+                _write_head(V1, slot1, sv1b, sv1h, sv1s, b, h, i, first, second, row_ok, HEAD_DIM)
                 if MIRROR:
-                    _write_head(V2, L2, sv2b, sv2h, sv2s, b, t, h, i, first, second, row_ok, HEAD_DIM)
+                    _write_head(V2, slot2, sv2b, sv2h, sv2s, b, h, i, first, second, row_ok, HEAD_DIM)
 
     @triton.jit
-    def _write_head(Cache, Lengths, scb, sch, scs, b, t, h, i, first, second, row_ok, HEAD_DIM: tl.constexpr):
-        # The rotary pairs (i, i + HEAD_DIM / 2) of token t of sequence b, into head h at slot lengths[b] + t.
-        slot = tl.load(Lengths + b, mask=row_ok, other=0) + t
+    def _write_head(Cache, slot, scb, sch, scs, b, h, i, first, second, row_ok, HEAD_DIM: tl.constexpr):
+        # The rotary pairs (i, i + HEAD_DIM / 2) of the rows of sequences b, into head h at their slots.
         out = Cache + b[:, None] * scb + h * sch + slot[:, None] * scs + i[None, :]
         tl.store(out, first, mask=row_ok[:, None])
         tl.store(out + HEAD_DIM // 2, second, mask=row_ok[:, None])
@@ -209,22 +252,33 @@ def _precision(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"  # float32 exactly; tf32 is ignored for 16-bit inputs
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of each row of x [..., K], one program a row."""
+def pending_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> PendingNorm:
+    """x [..., K] pending RMSNorm(weight, eps), for a product to finish; one program a row."""
     needs_triton(x)
     flat = x.reshape(-1, x.shape[-1]).contiguous()
-    y = torch.empty_like(flat)
+    scaled = torch.empty_like(flat)
+    squares = torch.empty(flat.shape[0], 1, device=x.device, dtype=torch.float32)
     K = flat.shape[1]
-    _rms_norm_kernel[(flat.shape[0],)](flat, flat.stride(0), weight, y, y.stride(0), eps, K=K,
-                                       BLOCK=triton.next_power_of_2(K), num_warps=8)
-    return y.view(x.shape)
+    _pending_norm_kernel[(flat.shape[0],)](flat, flat.stride(0), weight, scaled, scaled.stride(0), squares,
+                                           squares.stride(0), K=K, BLOCK=triton.next_power_of_2(K), num_warps=8)
+    return PendingNorm(x, scaled.view(x.shape), squares, eps)
 
 
-def linear(x: torch.Tensor, w: Weights, residual: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
-    """x [..., K] -> [..., N]: x @ w^T, plus bias and `residual`.
+def _finish_norm(x: PendingNorm) -> dict:
+    """The arguments with which a product finishes x's norm."""
+    P = x.squares.shape[1]
+    return dict(InSquares=x.squares, sisq=x.squares.stride(0), P=P, eps=x.eps, P_BLOCK=triton.next_power_of_2(P))
+
+
+def linear(x: torch.Tensor | PendingNorm, w: Weights, residual: torch.Tensor | None = None, gated: bool = False,
+           then_norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor | PendingNorm:
+    """x [..., K] -> [..., N]: x @ w^T, plus bias and `residual`. A PendingNorm x is normalized first.
 
     gated: w holds gate then up (N = 2 I rows) and the result is SiLU(x @ gate^T) * (x @ up^T), [..., I].
+    then_norm (weight, eps): the result comes pending that RMSNorm (a PendingNorm), for the next product.
     """
+    pending = x if isinstance(x, PendingNorm) else None
+    x = pending.scaled if pending else x
     needs_triton(x)
     flat = x.reshape(-1, x.shape[-1])
     if flat.stride(-1) != 1:
@@ -233,39 +287,52 @@ def linear(x: torch.Tensor, w: Weights, residual: torch.Tensor | None = None, ga
     N = rows_out // 2 if gated else rows_out
     data, swn, scale = _weight_operands(w, K)
     blocks = _blocks(w, K)
+    norm_in = _finish_norm(pending) if pending else dict(InSquares=x, sisq=0, P=1, eps=0.0, P_BLOCK=1)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     res = residual.reshape(M, N) if residual is not None else y
     grid = (triton.cdiv(M, ROW_TILE), triton.cdiv(N, blocks["BLOCK_N"] // 2 if gated else blocks["BLOCK_N"]))
+    if then_norm is not None:
+        scaled = torch.empty_like(y)
+        squares = torch.empty(M, grid[1], device=x.device, dtype=torch.float32)  # a piece per column block
+        norm_out = dict(NormWeight=then_norm[0], Scaled=scaled, sscm=scaled.stride(0), OutSquares=squares,
+                        sosq=squares.stride(0))
+    else:
+        norm_out = dict(NormWeight=y, Scaled=y, sscm=0, OutSquares=y, sosq=0)
     _linear_kernel[grid](
         flat, flat.stride(0), data, swn, scale, w.bias if w.bias is not None else flat, res, res.stride(0), y,
         y.stride(0), M, N, K, HAS_BIAS=w.bias is not None, RESIDUAL=residual is not None, GATED=gated,
-        PRECISION=_precision(x), **blocks,
+        NORM_IN=pending is not None, NORM_OUT=then_norm is not None, PRECISION=_precision(x), **norm_in, **norm_out,
+        **blocks,
     )
-    return y.view(*x.shape[:-1], N)
+    y = y.view(*x.shape[:-1], N)
+    if then_norm is None:
+        return y
+    return PendingNorm(y, scaled.view(y.shape), squares, then_norm[1])
 
 
-def gated_linear(x: torch.Tensor, w: Weights) -> torch.Tensor:
+def gated_linear(x: torch.Tensor | PendingNorm, w: Weights) -> torch.Tensor:
     return linear(x, w, gated=True)
 
 
-def qkv_rotary(x: torch.Tensor, w: Weights, pos: torch.Tensor, inv_freq: torch.Tensor, n_heads: int,
+def qkv_rotary(x: PendingNorm, w: Weights, pos: torch.Tensor, inv_freq: torch.Tensor, n_heads: int,
                n_kv_heads: int, cache, mirror=None) -> torch.Tensor:
-    """x [B, T, dim] -> queries [B, T, n_heads * D], rotated; the tokens' rotated keys and values are written to
-    `cache` (.k, .v [B, Hkv, S, D], .lengths [B]) at slots lengths[b] + t, and to `mirror` at its own lengths.
+    """x [B, T, dim], pending its RMSNorm -> queries [B, T, n_heads * D], rotated; the tokens' rotated keys and
+    values are written to `cache` (.k, .v [B, Hkv, S, D], .lengths [B]) at slots lengths[b] + t, and to `mirror` at
+    its own lengths.
 
     pos [B, T]: each token's position, the same on every M-RoPE axis (generated tokens are text).
     """
-    needs_triton(x)
-    B, T, K = x.shape
+    needs_triton(x.x)
+    B, T, K = x.x.shape
     D = cache.k.shape[-1]
     if D < 16 or D & (D - 1):
         raise NotImplementedError(f"the decode kernels need a power-of-two head_dim of at least 16, got {D}")
-    flat = x.reshape(B * T, K).contiguous()
+    flat = x.scaled.reshape(B * T, K).contiguous()
     N = (n_heads + 2 * n_kv_heads) * D
     data, swn, scale = _weight_operands(w, K)
     blocks = _blocks(w, K)
     blocks["BLOCK_N"] = min(blocks["BLOCK_N"], D)
-    q = torch.empty(B * T, n_heads * D, device=x.device, dtype=x.dtype)
+    q = torch.empty(B * T, n_heads * D, device=flat.device, dtype=flat.dtype)
     other = mirror if mirror is not None else cache
     _qkv_rotary_kernel[(triton.cdiv(B * T, ROW_TILE), N // blocks["BLOCK_N"])](
         flat, flat.stride(0), data, swn, scale, w.bias if w.bias is not None else flat,
@@ -273,7 +340,7 @@ def qkv_rotary(x: torch.Tensor, w: Weights, pos: torch.Tensor, inv_freq: torch.T
         cache.k, cache.v, cache.lengths, *cache.k.stride()[:3], *cache.v.stride()[:3],
         other.k, other.v, other.lengths, *other.k.stride()[:3], *other.v.stride()[:3], B * T, N,
         K, N_HEADS=n_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=D, HAS_BIAS=w.bias is not None,
-        MIRROR=mirror is not None, PRECISION=_precision(x), **blocks,
+        MIRROR=mirror is not None, PRECISION=_precision(flat), **_finish_norm(x), **blocks,
     )
     return q.view(B, T, n_heads * D)
 

@@ -5,7 +5,7 @@ Two forwards share the weights:
     prefill(one prompt)  -> fills one row of a KVCache; attention through SDPA (flash on a GPU)
     step(tokens [B, T])  -> runs a few new tokens of every row against the cache, appending their keys/values at
                             each row's own length; fixed shapes, so it can be compiled and captured in a CUDA graph.
-                            On a GPU a layer's step is eight Triton kernels (kernels.py), batch-invariant: a token's
+                            On a GPU a layer's step is six Triton kernels (kernels.py), batch-invariant: a token's
                             logits and keys/values come out bit for bit the same whatever else is in the call.
 """
 from dataclasses import dataclass, field
@@ -198,12 +198,14 @@ class Block(nn.Module):
         self.post_attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, pos, inv_freq, cache: LayerCache, mirror: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, x, pos, inv_freq, cache: LayerCache, mirror: LayerCache | None = None, next_norm=None):
         """A step: x [B, T, dim] are new tokens at positions pos [B, T], appended to `cache` (and also written to
-        `mirror`, if given). On a GPU, the fused kernels where they read every weight (not int4: quant.py);
-        otherwise plain PyTorch, the reference the kernels are tested on."""
-        step = self.fused_step if x.is_cuda and self.fusable() else self.plain_step
-        return step(x, pos, inv_freq, cache, mirror)
+        `mirror`, if given). x pending this layer's input norm (kernels.PendingNorm, from Qwen2VL.step on a GPU): the
+        fused kernels, and the result pending `next_norm` (the weight of the norm that reads it); a tensor: plain
+        PyTorch, the reference the kernels are tested on."""
+        if isinstance(x, kernels.PendingNorm):
+            return self.fused_step(x, pos, inv_freq, cache, mirror, next_norm)
+        return self.plain_step(x, pos, inv_freq, cache, mirror)
 
     def fusable(self) -> bool:
         return all(kernels.readable(m) for m in (self.attn.qkv, self.attn.o_proj, self.mlp.gate_up,
@@ -217,22 +219,23 @@ class Block(nn.Module):
     def summed(self, h: torch.Tensor) -> torch.Tensor:
         return h if self.partial_sums is None else self.partial_sums(h)
 
-    def fused_step(self, x, pos, inv_freq, cache: LayerCache, mirror: LayerCache | None = None) -> torch.Tensor:
-        """The same step as eight kernels: rotary embedding and the cache writes, the residuals and the SiLU gate in
-        the products' epilogues."""
+    def fused_step(self, x: kernels.PendingNorm, pos, inv_freq, cache: LayerCache, mirror: LayerCache | None,
+                   next_norm: torch.Tensor) -> kernels.PendingNorm:
+        """The same step as six kernels: the norms, rotary embedding and the cache writes, the residuals and the
+        SiLU gate in the products' prologues and epilogues."""
         attn, mlp = self.attn, self.mlp
-        h = kernels.rms_norm(x, self.input_norm.weight, self.input_norm.eps)
-        q = kernels.qkv_rotary(h, kernels.weights_of(attn.qkv), pos, inv_freq, attn.n_heads, attn.n_kv_heads, cache,
+        q = kernels.qkv_rotary(x, kernels.weights_of(attn.qkv), pos, inv_freq, attn.n_heads, attn.n_kv_heads, cache,
                                mirror)
-        x = self.plus(x, kernels.decode_attention(q, cache), attn.o_proj)
-        h = kernels.rms_norm(x, self.post_attention_norm.weight, self.post_attention_norm.eps)
-        return self.plus(x, kernels.gated_linear(h, kernels.weights_of(mlp.gate_up)), mlp.down_proj)
+        x = self.plus(x.x, kernels.decode_attention(q, cache), attn.o_proj, self.post_attention_norm.weight)
+        return self.plus(x.x, kernels.gated_linear(x, kernels.weights_of(mlp.gate_up)), mlp.down_proj, next_norm)
 
-    def plus(self, x: torch.Tensor, h: torch.Tensor, linear) -> torch.Tensor:
-        """x + linear(h), the residual in the product's epilogue; tensor parallel, after the ranks' sum."""
+    def plus(self, x: torch.Tensor, h: torch.Tensor, linear, norm: torch.Tensor) -> kernels.PendingNorm:
+        """x + linear(h) pending the norm of weight `norm`, all in the product's epilogue; tensor parallel, the
+        norm's half after the ranks' sum."""
+        eps = self.input_norm.eps  # every norm of the model has the same
         if self.partial_sums is None:
-            return kernels.linear(h, kernels.weights_of(linear), residual=x)
-        return x + self.partial_sums(kernels.linear(h, kernels.weights_of(linear)))
+            return kernels.linear(h, kernels.weights_of(linear), residual=x, then_norm=(norm, eps))
+        return kernels.pending_norm(x + self.partial_sums(kernels.linear(h, kernels.weights_of(linear))), norm, eps)
 
     def prefill(self, x, cos, sin, k_cache, v_cache, row: int, query_rows):
         h, queries = self.attn.prefill(self.input_norm(x), cos, sin, k_cache, v_cache, row, query_rows)
@@ -368,15 +371,21 @@ class Qwen2VL(nn.Module):
 
         Generated tokens are text: one position on all three M-RoPE axes. With `n_layers`, exit early after that
         many layers. With `mirror`, the keys/values are also written to that cache at its own lengths.
-        `layer_fn(block, x, pos, inv_freq, cache, mirror)` runs one layer: std.py passes Block.forward compiled.
+        `layer_fn(block, x, pos, inv_freq, cache, mirror, next_norm)` runs one layer: std.py passes Block.forward
+        compiled.
         """
         inv_freq = self.inv_freq()
         x = self.embed_tokens(tokens)
-        for i, layer in enumerate(self.layers[:n_layers]):
-            x = layer_fn(layer, x, pos, inv_freq, cache.layer(i), mirror.layer(i) if mirror is not None else None)
-        if x.is_cuda and kernels.readable(self.lm_head):
-            normed = kernels.rms_norm(x, self.norm.weight, self.norm.eps)
-            return kernels.linear(normed, kernels.weights_of(self.lm_head))
+        layers = self.layers[:n_layers]
+        norms = [layer.input_norm for layer in layers[1:]] + [self.norm]  # the norm after each layer
+        fused = x.is_cuda and all(layer.fusable() for layer in layers) and kernels.readable(self.lm_head)
+        if fused:
+            x = kernels.pending_norm(x, layers[0].input_norm.weight, layers[0].input_norm.eps)
+        for i, (layer, norm) in enumerate(zip(layers, norms)):
+            x = layer_fn(layer, x, pos, inv_freq, cache.layer(i), mirror.layer(i) if mirror is not None else None,
+                         norm.weight)
+        if fused:
+            return kernels.linear(x, kernels.weights_of(self.lm_head))
         return self.lm_head(self.norm(x))
 
     def forward(self, inputs) -> torch.Tensor:

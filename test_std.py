@@ -900,24 +900,31 @@ def close(out, reference, dtype):
 @pytest.mark.parametrize("bits", [16, 8])
 @pytest.mark.parametrize("rows", [1, 7, 23])  # 23: more than one tile of rows
 def test_decode_linear_matches_the_reference_path(bits, rows):
+    """Products with the RMSNorm before them finished in their epilogue, and the one after them begun there."""
     device = gpu_or_interpreter()
     for dtype in kernel_dtypes():
         torch.manual_seed(rows + bits)
         plain = torch.nn.Linear(128, 96).to(device, dtype)
         gate_up = torch.nn.Linear(128, 2 * 48, bias=False).to(device, dtype)
-        norm = vision.RMSNorm(128, 1e-6).to(device, dtype)
+        after = torch.nn.Linear(96, 32).to(device, dtype)
+        norm, next_norm = vision.RMSNorm(128, 1e-6).to(device, dtype), vision.RMSNorm(96, 1e-6).to(device, dtype)
         norm.weight.data.normal_()
+        next_norm.weight.data.normal_()
         quantize = {16: lambda m: m, 8: quant.Int8Linear}[bits]
-        linear, gated = quantize(plain), quantize(gate_up)
+        linear, gated, after = quantize(plain), quantize(gate_up), quantize(after)
         x, residual = torch.randn(rows, 128, device=device, dtype=dtype), torch.randn(rows, 96, device=device,
                                                                                         dtype=dtype)
-        normed = kernels.rms_norm(x, norm.weight, norm.eps)
-        assert close(normed, norm(x), dtype)
-        assert close(kernels.linear(normed, kernels.weights_of(linear), residual=residual), linear(normed) + residual,
+        pending = kernels.pending_norm(x, norm.weight, norm.eps)
+        assert close(kernels.linear(pending, kernels.weights_of(linear), residual=residual),
+                     linear(norm(x)) + residual, dtype)
+        gate, up = gated(norm(x)).chunk(2, dim=-1)
+        assert close(kernels.gated_linear(pending, kernels.weights_of(gated)), torch.nn.functional.silu(gate) * up,
                      dtype)
-        gate, up = gated(normed).chunk(2, dim=-1)
-        assert close(kernels.gated_linear(normed, kernels.weights_of(gated)), torch.nn.functional.silu(gate) * up,
-                     dtype)
+        assert close(kernels.linear(x, kernels.weights_of(linear)), linear(x), dtype)  # no norm before it
+        summed = kernels.linear(pending, kernels.weights_of(linear), residual=residual,
+                                then_norm=(next_norm.weight, next_norm.eps))
+        assert close(summed.x, linear(norm(x)) + residual, dtype)
+        assert close(kernels.linear(summed, kernels.weights_of(after)), after(next_norm(summed.x)), dtype)
 
 
 @pytest.mark.parametrize("batch,new,heads,kv_heads,head_dim", [(1, 1, 4, 2, 16), (2, 7, 8, 2, 32), (3, 3, 6, 3, 64)])
@@ -948,9 +955,11 @@ def kernel_model(dtype, device):
 def fused_logits(model, tokens, pos, cache, mirror=None):
     """model.step through the fused layers and head (what a GPU runs), on any device."""
     x, inv_freq = model.embed_tokens(tokens), model.inv_freq()
-    for i, layer in enumerate(model.layers):
-        x = layer.fused_step(x, pos, inv_freq, cache.layer(i), mirror.layer(i) if mirror is not None else None)
-    return kernels.linear(kernels.rms_norm(x, model.norm.weight, model.norm.eps), kernels.weights_of(model.lm_head))
+    x = kernels.pending_norm(x, model.layers[0].input_norm.weight, model.norm.eps)
+    norms = [layer.input_norm for layer in model.layers[1:]] + [model.norm]
+    for i, (layer, norm) in enumerate(zip(model.layers, norms)):
+        x = layer(x, pos, inv_freq, cache.layer(i), mirror.layer(i) if mirror is not None else None, norm.weight)
+    return kernels.linear(x, kernels.weights_of(model.lm_head))
 
 
 def plain_logits(model, tokens, pos, cache, mirror=None):
