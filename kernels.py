@@ -146,8 +146,9 @@ if triton is not None:
             out_cols = pid_n * BLOCK_N + j
             cols = out_cols
             col_ok = cols < N
-        if RESIDUAL:  # loaded before the product, so that its latency hides behind the weight's
-            res = tl.load(Res + rows[:, None] * srm + out_cols[None, :], mask=row_ok[:, None], other=0.0)
+        if RESIDUAL:  # loaded before the product, so that the epilogue does not wait on it (not timed apart)
+            res = tl.load(Res + rows[:, None] * srm + out_cols[None, :], mask=row_ok[:, None] & (out_cols < N)[None, :],
+                          other=0.0)
         acc = _product(X, sxm, rows, row_ok, W, swn, Scale, cols, col_ok, K, InSquares, sisq, P, eps, BITS, NORM_IN,
                        P_BLOCK, BLOCK_N, BLOCK_K, PRECISION)
         if HAS_BIAS:
@@ -183,8 +184,8 @@ if triton is not None:
         rows = pid_m * TILE + tl.arange(0, TILE)
         row_ok = rows < M
         b, t = rows // T, rows % T
-        # The epilogue's operands first, so that their latency hides behind the weight's stream. Generated tokens
-        # are text: one position on every M-RoPE axis, so every frequency turns with it.
+        # The epilogue's operands first, so that it does not wait on them (not timed apart). Generated tokens are
+        # text: one position on every M-RoPE axis, so every frequency turns with it.
         angle = tl.load(Pos + rows, mask=row_ok, other=0).to(tl.float32)[:, None] * tl.load(InvFreq + i)[None, :]
         cos, sin = tl.cos(angle), tl.sin(angle)
         slot1 = tl.load(L1 + b, mask=row_ok, other=0) + t  # a new key's or value's slot: the length plus its index

@@ -198,13 +198,14 @@ class Block(nn.Module):
         self.post_attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, pos, inv_freq, cache: LayerCache, mirror: LayerCache | None = None, next_norm=None):
+    def forward(self, x, pos, inv_freq, cache: LayerCache, mirror: LayerCache | None = None,
+                next_norm_weight: torch.Tensor | None = None):
         """A step: x [B, T, dim] are new tokens at positions pos [B, T], appended to `cache` (and also written to
         `mirror`, if given). x pending this layer's input norm (kernels.PendingNorm, from Qwen2VL.step on a GPU): the
-        fused kernels, and the result pending `next_norm` (the weight of the norm that reads it); a tensor: plain
+        fused kernels, and the result pending the norm that reads it (of weight `next_norm_weight`); a tensor: plain
         PyTorch, the reference the kernels are tested on."""
         if isinstance(x, kernels.PendingNorm):
-            return self.fused_step(x, pos, inv_freq, cache, mirror, next_norm)
+            return self.fused_step(x, pos, inv_freq, cache, mirror, next_norm_weight)
         return self.plain_step(x, pos, inv_freq, cache, mirror)
 
     def fusable(self) -> bool:
@@ -220,22 +221,24 @@ class Block(nn.Module):
         return h if self.partial_sums is None else self.partial_sums(h)
 
     def fused_step(self, x: kernels.PendingNorm, pos, inv_freq, cache: LayerCache, mirror: LayerCache | None,
-                   next_norm: torch.Tensor) -> kernels.PendingNorm:
+                   next_norm_weight: torch.Tensor) -> kernels.PendingNorm:
         """The same step as six kernels: the norms, rotary embedding and the cache writes, the residuals and the
         SiLU gate in the products' prologues and epilogues."""
         attn, mlp = self.attn, self.mlp
         q = kernels.qkv_rotary(x, kernels.weights_of(attn.qkv), pos, inv_freq, attn.n_heads, attn.n_kv_heads, cache,
                                mirror)
         x = self.plus(x.x, kernels.decode_attention(q, cache), attn.o_proj, self.post_attention_norm.weight)
-        return self.plus(x.x, kernels.gated_linear(x, kernels.weights_of(mlp.gate_up)), mlp.down_proj, next_norm)
+        return self.plus(x.x, kernels.gated_linear(x, kernels.weights_of(mlp.gate_up)), mlp.down_proj,
+                         next_norm_weight)
 
-    def plus(self, x: torch.Tensor, h: torch.Tensor, linear, norm: torch.Tensor) -> kernels.PendingNorm:
-        """x + linear(h) pending the norm of weight `norm`, all in the product's epilogue; tensor parallel, the
+    def plus(self, x: torch.Tensor, h: torch.Tensor, linear, norm_weight: torch.Tensor) -> kernels.PendingNorm:
+        """x + linear(h) pending the norm of weight `norm_weight`, all in the product's epilogue; tensor parallel, the
         norm's half after the ranks' sum."""
-        eps = self.input_norm.eps  # every norm of the model has the same
+        eps = self.input_norm.eps  # one eps for every norm of a model (ModelConfig.norm_eps)
         if self.partial_sums is None:
-            return kernels.linear(h, kernels.weights_of(linear), residual=x, then_norm=(norm, eps))
-        return kernels.pending_norm(x + self.partial_sums(kernels.linear(h, kernels.weights_of(linear))), norm, eps)
+            return kernels.linear(h, kernels.weights_of(linear), residual=x, then_norm=(norm_weight, eps))
+        summed = x + self.partial_sums(kernels.linear(h, kernels.weights_of(linear)))
+        return kernels.pending_norm(summed, norm_weight, eps)
 
     def prefill(self, x, cos, sin, k_cache, v_cache, row: int, query_rows):
         h, queries = self.attn.prefill(self.input_norm(x), cos, sin, k_cache, v_cache, row, query_rows)
@@ -371,19 +374,19 @@ class Qwen2VL(nn.Module):
 
         Generated tokens are text: one position on all three M-RoPE axes. With `n_layers`, exit early after that
         many layers. With `mirror`, the keys/values are also written to that cache at its own lengths.
-        `layer_fn(block, x, pos, inv_freq, cache, mirror, next_norm)` runs one layer: std.py passes Block.forward
-        compiled.
+        `layer_fn(block, x, pos, inv_freq, cache, mirror, next_norm_weight)` runs one layer: std.py passes
+        Block.forward compiled.
         """
         inv_freq = self.inv_freq()
         x = self.embed_tokens(tokens)
         layers = self.layers[:n_layers]
-        norms = [layer.input_norm for layer in layers[1:]] + [self.norm]  # the norm after each layer
+        norms = [layer.input_norm for layer in layers] + [self.norm]  # the norm before each layer, then the head's
         fused = x.is_cuda and all(layer.fusable() for layer in layers) and kernels.readable(self.lm_head)
         if fused:
-            x = kernels.pending_norm(x, layers[0].input_norm.weight, layers[0].input_norm.eps)
-        for i, (layer, norm) in enumerate(zip(layers, norms)):
+            x = kernels.pending_norm(x, norms[0].weight, norms[0].eps)
+        for i, layer in enumerate(layers):
             x = layer_fn(layer, x, pos, inv_freq, cache.layer(i), mirror.layer(i) if mirror is not None else None,
-                         norm.weight)
+                         norms[i + 1].weight)
         if fused:
             return kernels.linear(x, kernels.weights_of(self.lm_head))
         return self.lm_head(self.norm(x))

@@ -496,7 +496,8 @@ def make_steps(model, dense, drafter: Drafter | None, state: DecodeState, gamma:
     persistent = [dense.lengths, state.last, state.prev, state.pos] + (
         [drafter.cache.lengths] if drafter is not None else [])
     pool = torch.cuda.graph_pool_handle()
-    # One compiled entry per (rows, batch, layer kind): sweeps over gamma and batch need more than the default 8.
+    # One compiled entry per (rows, batch, layer kind, first layer or not: the embeddings' squares come in one
+    # piece): sweeps over gamma and batch need more than the default 8.
     with torch._dynamo.config.patch(recompile_limit=64):
         return {name: cuda_graph(fn, persistent, pool) for name, fn in steps.items()}
 

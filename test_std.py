@@ -955,10 +955,11 @@ def kernel_model(dtype, device):
 def fused_logits(model, tokens, pos, cache, mirror=None):
     """model.step through the fused layers and head (what a GPU runs), on any device."""
     x, inv_freq = model.embed_tokens(tokens), model.inv_freq()
-    x = kernels.pending_norm(x, model.layers[0].input_norm.weight, model.norm.eps)
-    norms = [layer.input_norm for layer in model.layers[1:]] + [model.norm]
-    for i, (layer, norm) in enumerate(zip(model.layers, norms)):
-        x = layer(x, pos, inv_freq, cache.layer(i), mirror.layer(i) if mirror is not None else None, norm.weight)
+    norms = [layer.input_norm for layer in model.layers] + [model.norm]
+    x = kernels.pending_norm(x, norms[0].weight, norms[0].eps)
+    for i, layer in enumerate(model.layers):
+        x = layer(x, pos, inv_freq, cache.layer(i), mirror.layer(i) if mirror is not None else None,
+                  norms[i + 1].weight)
     return kernels.linear(x, kernels.weights_of(model.lm_head))
 
 
