@@ -1015,13 +1015,13 @@ def test_a_verify_pass_equals_one_token_steps_bit_for_bit(bits):
     for dtype in kernel_dtypes():
         model = kernel_model(dtype, device)
         model = model if bits == 16 else quant.quantized_copy(model, bits)
-        T = 7
-        tokens = torch.randint(0, VOCAB, (2, T), device=device)
-        pos = torch.tensor([[900], [5]], device=device) + torch.arange(T, device=device)
-        together = filled_caches(model, [700, 3], 1200)
+        T, lengths = 7, [700, 3, 1000]  # 21 rows together: two row tiles of the products
+        tokens = torch.randint(0, VOCAB, (len(lengths), T), device=device)
+        pos = torch.tensor([[900], [5], [1100]], device=device) + torch.arange(T, device=device)
+        together = filled_caches(model, lengths, 1200)
         verify = fused_logits(model, tokens, pos, together)
-        for row, length in enumerate([700, 3]):
-            alone = filled_caches(model, [700, 3], 1200)
+        for row in range(len(lengths)):
+            alone = filled_caches(model, lengths, 1200)
             alone = model_lib.KVCache([k[row : row + 1] for k in alone.k], [v[row : row + 1] for v in alone.v],
                                       alone.lengths[row : row + 1].clone())
             for t in range(T):
