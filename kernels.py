@@ -8,7 +8,9 @@ A decoder layer's step on a GPU is six launches:
     x = linear(h, down, residual=x, then_norm)   the down projection plus the residual
 and the head is `linear(x, lm_head)`. The RMSNorms have no launches of their own: a product that writes the residual
 stream also writes it times the next norm's weight and its sums of squares (`PendingNorm`), and the product that
-reads it scales its sums by 1 / rms. Weights come as bfloat16/float32 or int8 (`Weights`).
+reads it scales its sums by 1 / rms. Weights come as bfloat16/float32 or int8 (`Weights`). int4 weights have a
+product of their own, `int4_linear`, on the CUDA cores (quant.Int4Linear calls it); it is not batch-invariant, and
+needs not be: only drafts run int4.
 
 Batch invariance: a row's arithmetic never depends on the other rows of the call. Rows go through in tiles of
 ROW_TILE whatever their number, every reduction runs in a fixed order over blocks that depend only on the shapes of
@@ -19,6 +21,7 @@ would, and speculative decoding in bfloat16 emits exactly the tokens of bfloat16
 Importing this file needs no Triton; calling a kernel does (it ships with CUDA builds of PyTorch, and runs on the CPU
 under TRITON_INTERPRET=1, which the tests use).
 """
+import os
 from typing import NamedTuple
 
 import torch
@@ -39,11 +42,14 @@ MERGE_BLOCK = 64  # attention splits the merge combines at once
 
 class Weights(NamedTuple):
     """A linear layer's weight as the kernels read it: y = x @ w^T (+ bias).
-    bits 16: `data` [N, K] in the activations' dtype.  bits 8: int8 [N, K], w = data * scale[n]."""
+    bits 16: `data` [N, K] in the activations' dtype.  bits 8: int8 [N, K], w = data * scale[n].
+    bits 4: `data` [K / 8, N] int32, eight 4-bit q a word; `scale` [K / group, N] int32, a bfloat16 scale in the low
+    half and a zero in the high; w = (q - 8) * scale + zero; `counters` [INT4_PROGRAMS] int32 zeros (split K)."""
     data: torch.Tensor
     bias: torch.Tensor | None = None
     bits: int = 16
     scale: torch.Tensor | None = None
+    counters: torch.Tensor | None = None
 
 
 class PendingNorm(NamedTuple):
@@ -59,8 +65,9 @@ class PendingNorm(NamedTuple):
 
 
 def readable(linear) -> bool:
-    """Whether the kernels read this layer: an nn.Linear, or a module with its own `decode_weights()` (quant.py)."""
-    return isinstance(linear, torch.nn.Linear) or hasattr(linear, "decode_weights")
+    """Whether the layer kernels read this layer: an nn.Linear, or a module with its own `decode_weights()` (quant.py)
+    in 8 bits. int4 weights have a product of their own, `int4_linear`, which their module calls."""
+    return isinstance(linear, torch.nn.Linear) or hasattr(linear, "decode_weights") and linear.bits != 4
 
 
 def weights_of(linear) -> Weights:
@@ -344,6 +351,175 @@ def qkv_rotary(x: PendingNorm, w: Weights, pos: torch.Tensor, inv_freq: torch.Te
         MIRROR=mirror is not None, PRECISION=_precision(flat), **_finish_norm(x), **blocks,
     )
     return q.view(B, T, n_heads * D)
+
+
+# ---------------------------------------------------------------------------------------------- int4
+
+
+INT4_PROGRAMS = 1024  # K is split until a product has about this many programs: a small matrix needs them all
+
+
+if triton is not None:
+
+    @triton.jit
+    def _int4_scales(at):
+        # [scale, zero] (two bfloat16 in an int32) -> (scale, scale), (zero, zero), each a bf16x2 register.
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 a; ld.global.nc.b32 a, [$2]; prmt.b32 $0, a, a, 0x1010; prmt.b32 $1, a, a, 0x3232; }",
+            "=r,=r,l", [at], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+
+    @triton.jit
+    def _int4_inputs(at):
+        # Eight bfloat16 inputs as four bf16x2 registers, one 16-byte load.
+        return tl.inline_asm_elementwise("ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [at],
+                                         dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+
+    @triton.jit
+    def _int4_dequantize(word, scales, zeros):
+        # A word's pair i is (q[2i], q[2i + 1]) at bits (4i, 16 + 4i): masked and OR-ed into the mantissas of
+        # 128.0 it is the bf16x2 (128 + q[2i], 128 + q[2i + 1]) with one instruction, then (that - 136) * scale + zero
+        # exactly, rounded once. Four bf16x2 weights out; about two instructions a weight.
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 t, s, mask, magic, one, minus136;
+            mov.b32 mask, 0x000f000f;
+            mov.b32 magic, 0x43004300;
+            mov.b32 one, 0x3f803f80;
+            mov.b32 minus136, 0xc308c308;
+            lop3.b32 t, $4, mask, magic, 0xea;
+            fma.rn.bf16x2 t, t, one, minus136;
+            fma.rn.bf16x2 $0, t, $5, $6;
+            shr.u32 s, $4, 4;
+            lop3.b32 t, s, mask, magic, 0xea;
+            fma.rn.bf16x2 t, t, one, minus136;
+            fma.rn.bf16x2 $1, t, $5, $6;
+            shr.u32 s, $4, 8;
+            lop3.b32 t, s, mask, magic, 0xea;
+            fma.rn.bf16x2 t, t, one, minus136;
+            fma.rn.bf16x2 $2, t, $5, $6;
+            shr.u32 s, $4, 12;
+            lop3.b32 t, s, mask, magic, 0xea;
+            fma.rn.bf16x2 t, t, one, minus136;
+            fma.rn.bf16x2 $3, t, $5, $6;
+            }""", "=r,=r,=r,=r,r,r,r", [word, scales, zeros], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+
+    @triton.jit
+    def _int4_dot(w0, w1, w2, w3, x0, x1, x2, x3):
+        # Eight products added in two bf16x2 lanes, then the lanes in float32: half the instructions of float32
+        # arithmetic, with rounding errors far below int4's own.
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 p, lo, hi, minus0;
+            mov.b32 minus0, 0x80008000;
+            fma.rn.bf16x2 p, $1, $5, minus0;
+            fma.rn.bf16x2 p, $2, $6, p;
+            fma.rn.bf16x2 p, $3, $7, p;
+            fma.rn.bf16x2 p, $4, $8, p;
+            shl.b32 lo, p, 16;
+            and.b32 hi, p, 0xffff0000;
+            add.f32 $0, lo, hi;
+            }""", "=r,r,r,r,r,r,r,r,r", [w0, w1, w2, w3, x0, x1, x2, x3], dtype=tl.float32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _round_bf16(v):
+        # float32 to the nearest bfloat16 (ties to even), kept in float32: the bf16x2 instructions' rounding.
+        bits = v.to(tl.int32, bitcast=True)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _int4_weight(word, shift: tl.constexpr, scale, zero):
+        return _round_bf16((((word >> shift) & 15).to(tl.float32) - 8) * scale + zero)
+
+    @triton.jit
+    def _int4_dot_plain(word, scale, zero, X):
+        # What _int4_dequantize and _int4_dot compute, in plain Triton for its interpreter (which runs no PTX).
+        # X: the word's eight inputs.
+        lo = tl.zeros(word.shape, tl.float32)
+        hi = tl.zeros(word.shape, tl.float32)
+        for i in tl.static_range(4):
+            lo = _round_bf16(_int4_weight(word, 4 * i, scale, zero) * tl.load(X + 2 * i).to(tl.float32) + lo)
+            hi = _round_bf16(_int4_weight(word, 16 + 4 * i, scale, zero) * tl.load(X + 2 * i + 1).to(tl.float32) + hi)
+        return lo + hi
+
+    @triton.jit
+    def _int4_kernel(X, sxm, W, SZ, Bias, Y, sym, Partial, Counters, M, N, K, groups_each, splits,
+                     HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
+                     SPLIT: tl.constexpr, PTX: tl.constexpr):
+        # A program: ROWS rows, BLOCK_N columns, one piece of K (groups_each groups). Each word is dequantized once
+        # for all the rows. With SPLIT, each piece leaves its sums and the last program of a tile to arrive adds the
+        # pieces in order and writes the tile.
+        pid_m, pid_n, piece = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = pid_m * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < M
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        WORDS: tl.constexpr = GROUP // 8  # a group's words of a column, one loop step
+        kw = tl.arange(0, WORDS)
+        acc = tl.zeros([ROWS, WORDS, BLOCK_N], tl.float32)
+        first = piece * groups_each
+        end = tl.minimum(first + groups_each, K // GROUP)
+        at = W + kw[None, :, None] * N + cols[None, None, :]  # [1, WORDS, BLOCK_N]: every layout from this load
+        words = tl.load(at + first * WORDS * N, mask=col_ok[None, None, :], other=0)
+        x_row = X + tl.where(row_ok, rows, 0) * sxm
+        for g in range(first, end):
+            current = words
+            if g + 1 < end:  # the next group's words in flight while this one's are used
+                words = tl.load(at + (g + 1) * WORDS * N, mask=col_ok[None, None, :], other=0)
+            if PTX:
+                scales, zeros = _int4_scales(SZ + g * N + tl.where(col_ok, cols, 0))
+                w0, w1, w2, w3 = _int4_dequantize(current, scales[None, None, :], zeros[None, None, :])
+                x0, x1, x2, x3 = _int4_inputs(x_row.to(tl.pointer_type(tl.int32))[:, None] + (g * WORDS + kw)[None, :] * 4)
+                acc += _int4_dot(w0, w1, w2, w3, x0[:, :, None], x1[:, :, None], x2[:, :, None], x3[:, :, None])
+            else:
+                halves = SZ.to(tl.pointer_type(tl.bfloat16)) + (g * N + cols) * 2
+                scale = tl.load(halves, mask=col_ok, other=0.0).to(tl.float32)
+                zero = tl.load(halves + 1, mask=col_ok, other=0.0).to(tl.float32)
+                acc += _int4_dot_plain(current, scale[None, None, :], zero[None, None, :],
+                                       x_row[:, None, None] + (g * GROUP + kw * 8)[None, :, None])
+        y = tl.sum(acc, 1)
+        out_ok = row_ok[:, None] & col_ok[None, :]
+        if SPLIT:
+            tile = pid_m * tl.num_programs(1) + pid_n
+            sums = Partial + rows[:, None] * N + cols[None, :]
+            tl.store(sums + piece * M * N, y, mask=out_ok)
+            tl.debug_barrier()  # every thread's sums are written before the count says so
+            arrived = tl.atomic_add(Counters + tile, 1, sem="acq_rel")
+            last = (tl.zeros([ROWS], tl.int32) + arrived) == splits - 1  # a vector: the interpreter needs one
+            out_ok = out_ok & last[:, None]
+            y = tl.zeros([ROWS, BLOCK_N], tl.float32)
+            for p in range(splits):
+                y += tl.load(sums + p * M * N, mask=out_ok, other=0.0, cache_modifier=".cg")
+            tl.store(Counters + tile, 0, mask=arrived == splits - 1)  # ready for the next launch
+        if HAS_BIAS:
+            y += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + rows[:, None] * sym + cols[None, :], y.to(Y.dtype.element_ty), mask=out_ok)
+
+
+def int4_linear(x: torch.Tensor, w: Weights) -> torch.Tensor:
+    """x [..., K] bfloat16 -> [..., N]: x @ w^T (+ bias) for int4 weights (bits 4, see Weights), one launch.
+
+    Each program dequantizes its words once for up to eight rows; a matrix with few columns is cut along K so that
+    it has about INT4_PROGRAMS programs. Settings swept on an H200 over Qwen2-VL-2B's and 7B's decoder matrices."""
+    needs_triton(x)
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"the int4 kernel takes bfloat16 activations, got {x.dtype}")
+    flat = x.reshape(-1, x.shape[-1]).contiguous()  # rows read 16 bytes at a time: K is a multiple of 32
+    (M, K), N = flat.shape, w.data.shape[1]
+    group = K // w.scale.shape[0]
+    rows = min(triton.next_power_of_2(M), 8)
+    block_n, warps = (64, 2) if rows == 1 else (32, 4)
+    tiles = triton.cdiv(M, rows) * triton.cdiv(N, block_n)
+    groups = K // group
+    groups_each = triton.cdiv(groups, max(1, min(groups, INT4_PROGRAMS // tiles)))
+    splits = triton.cdiv(groups, groups_each)  # > 1 only with fewer tiles than INT4_PROGRAMS // 2: counters enough
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    partial = torch.empty(splits, M, N, device=x.device, dtype=torch.float32) if splits > 1 else y
+    _int4_kernel[(triton.cdiv(M, rows), triton.cdiv(N, block_n), splits)](
+        flat, flat.stride(0), w.data, w.scale, w.bias if w.bias is not None else flat, y, y.stride(0), partial,
+        w.counters, M, N, K, groups_each, splits, HAS_BIAS=w.bias is not None, ROWS=rows, BLOCK_N=block_n,
+        GROUP=group, SPLIT=splits > 1, PTX=os.environ.get("TRITON_INTERPRET") != "1", num_warps=warps,
+    )
+    return y.view(*x.shape[:-1], N)
 
 
 # ---------------------------------------------------------------------------------------------- attention

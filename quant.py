@@ -11,12 +11,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
 from kernels import Weights
 
 
 class Int8Linear(nn.Module):
     """Weight-only int8, one scale per output row. A decode step on a GPU reads it through the kernels of
     kernels.py, which stream int8 weights faster than PyTorch's `_weight_int8pack_mm` (`bench.py --kernels`)."""
+    bits = 8
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -39,50 +41,52 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """Weight-only int4: per group of 128 (or 64, 32) input columns, w ~ (q - 8) * scale + zero with q in 0..15.
 
-    On a GPU the product is PyTorch's own int4 kernel (tinygemm, `_weight_int4pack_mm`, as gpt-fast uses it), which
-    wants its packed layout and bfloat16 activations. Elsewhere the weight is kept two nibbles a byte and dequantized,
-    so a draft can run in any dtype, float64 included. Both hold the same quantized values.
+    Stored for `kernels.int4_linear`, which a GPU runs: eight q a 32-bit word, the words of each eight inputs of an
+    output column [K / 8, N]; scale and zero as one bfloat16 pair [K / group, N, 2]. On the CPU the weight is
+    dequantized, so a draft can run in any dtype, float64 included. Both hold the same quantized values.
     """
+    bits = 4
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         N, K = linear.weight.shape
         self.group = next((g for g in (128, 64, 32) if K % g == 0), None)
-        if self.group is None or N % 8:
-            raise ValueError(f"int4 needs in_features a multiple of 32 (its groups) and out_features a multiple of 8 "
-                             f"(tinygemm's tiles), got {K} and {N}")
+        if self.group is None:
+            raise ValueError(f"int4 needs in_features a multiple of 32 (its groups), got {K}")
         w = linear.weight.float().view(N, K // self.group, self.group)
         lowest, highest = w.amin(dim=-1), w.amax(dim=-1)
         scale = ((highest - lowest) / 15).clamp(min=1e-8)
-        q = ((w - lowest[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8).view(N, K)
-        pairs = q[:, ::2] << 4 | q[:, 1::2]  # [N, K / 2], the even column in the high nibble
-        self.tinygemm = linear.weight.is_cuda  # the layout is fixed here: the module cannot move between devices
-        if self.tinygemm:
-            inner_k_tiles = next(t for t in (8, 4, 2) if K % (16 * t) == 0)
-            pairs = torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles)
-        self.register_buffer("packed", pairs)
+        q = ((w - lowest[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).view(N, K)
+        # Input 8j + 2i + h of a column in bits 4i + 16h of word j: the kernel turns bits (4i, 16 + 4i) into one
+        # bf16x2 pair of weights, which meets the inputs' own pair (2i, 2i + 1).
+        q = q.T.reshape(K // 8, 4, 2, N)
+        self.register_buffer("packed", sum(q[:, i, h] << (4 * i + 16 * h) for i in range(4) for h in range(2))
+                             .contiguous())
         zero = lowest + 8 * scale
         self.register_buffer("scale_and_zero", torch.stack([scale, zero], dim=-1).transpose(0, 1).to(torch.bfloat16)
                              .contiguous())  # [K / group, N, 2]
+        self.register_buffer("counters", torch.zeros(kernels.INT4_PROGRAMS, dtype=torch.int32, device=w.device),
+                             persistent=False)
         self.bias = linear.bias
 
+    def decode_weights(self) -> Weights:
+        return Weights(self.packed, self.bias, bits=4, scale=self.scale_and_zero.view(torch.int32).squeeze(-1),
+                       counters=self.counters)
+
+    def values(self) -> torch.Tensor:
+        """q [N, K], int32 in 0..15."""
+        shifts = torch.tensor([4 * i + 16 * h for i in range(4) for h in range(2)], dtype=torch.int32,
+                              device=self.packed.device)
+        return ((self.packed[:, None, :] >> shifts[:, None]) & 0xF).flatten(0, 1).T  # from [K / 8, 8, N]
+
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.tinygemm:
-            raise RuntimeError("int4 weights quantized on a GPU are in tinygemm's layout, which only its kernel reads")
-        q = torch.stack([self.packed >> 4, self.packed & 0xF], dim=-1).to(dtype)  # [N, K / 2, 2]
-        q = q.view(q.shape[0], -1, self.group) - 8
+        q = self.values().to(dtype).view(self.packed.shape[1], -1, self.group) - 8
         scale, zero = self.scale_and_zero.to(dtype).transpose(0, 1).unbind(-1)  # [N, K / group] each
         return (q * scale[..., None] + zero[..., None]).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda != self.tinygemm:
-            raise RuntimeError(f"int4 weights were quantized on {'a GPU' if self.tinygemm else 'the CPU'} and cannot "
-                               f"run on {x.device}: quantize the model where it runs")
-        if self.tinygemm:
-            flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-            y = torch.ops.aten._weight_int4pack_mm(flat, self.packed, self.group, self.scale_and_zero)
-            y = y.to(x.dtype).view(*x.shape[:-1], -1)
-            return y if self.bias is None else y + self.bias
+        if x.is_cuda:
+            return kernels.int4_linear(x.to(torch.bfloat16), self.decode_weights()).to(x.dtype)
         return F.linear(x, self.dequantized(x.dtype), self.bias)
 
 
