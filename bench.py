@@ -1046,7 +1046,8 @@ def kernels_mode(args, model, device):
         "int4, ours (kernels.int4_linear)": (lambda x: [kernels.int4_linear(x[m.in_features], q.decode_weights())
                                                         for m, q in zip(linears, int4)], int4_bytes),
         "int4, PyTorch _weight_int4pack_mm (tinygemm)": (lambda x: [torch.ops.aten._weight_int4pack_mm(
-            x[m.in_features], t, q.group, q.scale_and_zero) for m, q, t in zip(linears, int4, tinygemm)], int4_bytes),
+            x[m.in_features], t, q.group, q.scale_and_zero_bf16()) for m, q, t in zip(linears, int4, tinygemm)],
+            int4_bytes),
     }
     report = dict(device=describe(device), model=args.model, matrices=len(linears), rows={})
     print(f"{describe(device)}, {args.model}: {len(linears)} decoder matrices in turn, one CUDA graph")

@@ -10,7 +10,7 @@ and the head is `linear(x, lm_head)`. The RMSNorms have no launches of their own
 stream also writes it times the next norm's weight and its sums of squares (`PendingNorm`), and the product that
 reads it scales its sums by 1 / rms. Weights come as bfloat16/float32 or int8 (`Weights`). int4 weights have a
 product of their own, `int4_linear`, on the CUDA cores (quant.Int4Linear calls it); it is not batch-invariant, and
-needs not be: only drafts run int4.
+need not be: only drafts run int4.
 
 Batch invariance: a row's arithmetic never depends on the other rows of the call. Rows go through in tiles of
 ROW_TILE whatever their number, every reduction runs in a fixed order over blocks that depend only on the shapes of
@@ -65,9 +65,9 @@ class PendingNorm(NamedTuple):
 
 
 def readable(linear) -> bool:
-    """Whether the layer kernels read this layer: an nn.Linear, or a module with its own `decode_weights()` (quant.py)
-    in 8 bits. int4 weights have a product of their own, `int4_linear`, which their module calls."""
-    return isinstance(linear, torch.nn.Linear) or hasattr(linear, "decode_weights") and linear.bits != 4
+    """Whether the fused layer kernels read this layer: an nn.Linear or quant.Int8Linear. int4 layers have a product
+    of their own, `int4_linear`, which their module calls."""
+    return isinstance(linear, torch.nn.Linear) or (hasattr(linear, "decode_weights") and linear.bits != 4)
 
 
 def weights_of(linear) -> Weights:
@@ -116,7 +116,7 @@ if triton is not None:
 
         Both operands go into the tensor-core product exactly as loaded: an operand changed in registers (an RMSNorm
         applied to x, int4 values dequantized) costs a trip through shared memory every step, which measured slower
-        than a separate norm kernel, and int4 slower than PyTorch's own kernel (BENCHMARKS.md). Hence PendingNorm."""
+        than a separate norm kernel (BENCHMARKS.md). Hence PendingNorm; int4 has its own product, on the CUDA cores."""
         acc = tl.zeros([TILE, BLOCK_N], tl.float32)
         k = tl.arange(0, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
@@ -231,7 +231,13 @@ if triton is not None:
         tl.store(out + HEAD_DIM // 2, second, mask=row_ok[:, None])
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")  # as Triton reads it
+
+
 def _weight_operands(w: Weights, K: int):
+    if w.bits == 4:
+        raise ValueError("int4 weights have a product of their own: int4_linear")
     if K % 16:
         raise ValueError(f"the decode kernels need in_features a multiple of 16, got {K}")
     return w.data, w.data.stride(0), w.scale if w.scale is not None else w.data
@@ -357,6 +363,7 @@ def qkv_rotary(x: PendingNorm, w: Weights, pos: torch.Tensor, inv_freq: torch.Te
 
 
 INT4_PROGRAMS = 1024  # K is split until a product has about this many programs: a small matrix needs them all
+INT4_ROWS = 8  # rows a program at most: each word is dequantized once for all of them
 
 
 if triton is not None:
@@ -378,7 +385,7 @@ if triton is not None:
     def _int4_dequantize(word, scales, zeros):
         # A word's pair i is (q[2i], q[2i + 1]) at bits (4i, 16 + 4i): masked and OR-ed into the mantissas of
         # 128.0 it is the bf16x2 (128 + q[2i], 128 + q[2i + 1]) with one instruction, then (that - 136) * scale + zero
-        # exactly, rounded once. Four bf16x2 weights out; about two instructions a weight.
+        # exactly, rounded once. Four bf16x2 weights out, with no conversion instruction.
         return tl.inline_asm_elementwise(
             """{
             .reg .b32 t, s, mask, magic, one, minus136;
@@ -468,7 +475,8 @@ if triton is not None:
             if PTX:
                 scales, zeros = _int4_scales(SZ + g * N + tl.where(col_ok, cols, 0))
                 w0, w1, w2, w3 = _int4_dequantize(current, scales[None, None, :], zeros[None, None, :])
-                x0, x1, x2, x3 = _int4_inputs(x_row.to(tl.pointer_type(tl.int32))[:, None] + (g * WORDS + kw)[None, :] * 4)
+                pairs = x_row.to(tl.pointer_type(tl.int32))[:, None] + (g * WORDS + kw)[None, :] * 4  # [ROWS, WORDS]
+                x0, x1, x2, x3 = _int4_inputs(pairs)
                 acc += _int4_dot(w0, w1, w2, w3, x0[:, :, None], x1[:, :, None], x2[:, :, None], x3[:, :, None])
             else:
                 halves = SZ.to(tl.pointer_type(tl.bfloat16)) + (g * N + cols) * 2
@@ -498,15 +506,17 @@ if triton is not None:
 def int4_linear(x: torch.Tensor, w: Weights) -> torch.Tensor:
     """x [..., K] bfloat16 -> [..., N]: x @ w^T (+ bias) for int4 weights (bits 4, see Weights), one launch.
 
-    Each program dequantizes its words once for up to eight rows; a matrix with few columns is cut along K so that
-    it has about INT4_PROGRAMS programs. Settings swept on an H200 over Qwen2-VL-2B's and 7B's decoder matrices."""
+    A matrix with few columns is cut along K so that it has about INT4_PROGRAMS programs; the last program of a tile
+    adds the pieces, counted on `w.counters`, so a module's products must run one at a time (one stream). Each row of
+    x must start at a 16-byte-aligned address, as the rows of a fresh tensor do. Settings swept on an H200 over
+    Qwen2-VL-2B's and 7B's decoder matrices."""
     needs_triton(x)
     if x.dtype != torch.bfloat16:
         raise TypeError(f"the int4 kernel takes bfloat16 activations, got {x.dtype}")
     flat = x.reshape(-1, x.shape[-1]).contiguous()  # rows read 16 bytes at a time: K is a multiple of 32
     (M, K), N = flat.shape, w.data.shape[1]
     group = K // w.scale.shape[0]
-    rows = min(triton.next_power_of_2(M), 8)
+    rows = min(triton.next_power_of_2(M), INT4_ROWS)
     block_n, warps = (64, 2) if rows == 1 else (32, 4)
     tiles = triton.cdiv(M, rows) * triton.cdiv(N, block_n)
     groups = K // group
@@ -517,7 +527,7 @@ def int4_linear(x: torch.Tensor, w: Weights) -> torch.Tensor:
     _int4_kernel[(triton.cdiv(M, rows), triton.cdiv(N, block_n), splits)](
         flat, flat.stride(0), w.data, w.scale, w.bias if w.bias is not None else flat, y, y.stride(0), partial,
         w.counters, M, N, K, groups_each, splits, HAS_BIAS=w.bias is not None, ROWS=rows, BLOCK_N=block_n,
-        GROUP=group, SPLIT=splits > 1, PTX=os.environ.get("TRITON_INTERPRET") != "1", num_warps=warps,
+        GROUP=group, SPLIT=splits > 1, PTX=not _interpreting(), num_warps=warps,
     )
     return y.view(*x.shape[:-1], N)
 
