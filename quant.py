@@ -41,9 +41,9 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """Weight-only int4: per group of 128 (or 64, 32) input columns, w ~ (q - 8) * scale + zero with q in 0..15.
 
-    Stored for `kernels.int4_linear`, which a GPU runs: eight q a 32-bit word, the words of each eight inputs of an
-    output column [K / 8, N]; scale and zero as one bfloat16 pair [K / group, N, 2]. On the CPU the weight is
-    dequantized, so a draft can run in any dtype, float64 included. Both hold the same quantized values.
+    Stored for kernels.py's int4 products, which a GPU runs: eight q a 32-bit word, the words of each eight inputs of
+    an output column [K / 8, N]; scale and zero as one bfloat16 pair in an int32 [K / group, N]. On the CPU the
+    weight is dequantized, so a draft can run in any dtype, float64 included. Both hold the same quantized values.
     """
     bits = 4
 
@@ -63,15 +63,19 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed", sum(q[:, i, h] << (4 * i + 16 * h) for i in range(4) for h in range(2))
                              .contiguous())
         zero = lowest + 8 * scale
-        self.register_buffer("scale_and_zero", torch.stack([scale, zero], dim=-1).transpose(0, 1).to(torch.bfloat16)
-                             .contiguous())  # [K / group, N, 2]
+        pairs = torch.stack([scale, zero], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()  # [K / group, N, 2]
+        # One int32 a pair, as the kernel loads it; as an integer it also stays bfloat16 through model.to(dtype).
+        self.register_buffer("scale_and_zero", pairs.view(torch.int32).squeeze(-1))
         self.register_buffer("counters", torch.zeros(kernels.INT4_PROGRAMS, dtype=torch.int32, device=w.device),
                              persistent=False)
         self.bias = linear.bias
 
     def decode_weights(self) -> Weights:
-        return Weights(self.packed, self.bias, bits=4, scale=self.scale_and_zero.view(torch.int32).squeeze(-1),
-                       counters=self.counters)
+        return Weights(self.packed, self.bias, bits=4, scale=self.scale_and_zero, counters=self.counters)
+
+    def scales_and_zeros(self) -> torch.Tensor:
+        """[K / group, N, 2] bfloat16: PyTorch's int4 kernels' layout."""
+        return self.scale_and_zero.unsqueeze(-1).view(torch.bfloat16)
 
     def values(self) -> torch.Tensor:
         """q [N, K], int32 in 0..15."""
@@ -81,12 +85,12 @@ class Int4Linear(nn.Module):
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         q = self.values().to(dtype).view(self.packed.shape[1], -1, self.group) - 8
-        scale, zero = self.scale_and_zero.to(dtype).transpose(0, 1).unbind(-1)  # [N, K / group] each
+        scale, zero = self.scales_and_zeros().to(dtype).transpose(0, 1).unbind(-1)  # [N, K / group] each
         return (q * scale[..., None] + zero[..., None]).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            return kernels.int4_linear(x.to(torch.bfloat16), self.decode_weights()).to(x.dtype)
+            return kernels.linear(x, self.decode_weights())
         return F.linear(x, self.dequantized(x.dtype), self.bias)
 
 
