@@ -1045,7 +1045,7 @@ def kernels_mode(args, model, device):
             x[m.in_features], q.weight, scale) for m, q, scale in zip(linears, int8, scales)], int8_bytes),
         "int4, ours (kernels.linear)": (ours(int4), int4_bytes),
         "int4, PyTorch _weight_int4pack_mm (tinygemm)": (lambda x: [torch.ops.aten._weight_int4pack_mm(
-            x[m.in_features], t, q.group, q.scales_and_zeros()) for m, q, t in zip(linears, int4, tinygemm)],
+            x[m.in_features], t, q.group, q.scale_and_zero_bf16()) for m, q, t in zip(linears, int4, tinygemm)],
             int4_bytes),
     }
     report = dict(device=describe(device), model=args.model, matrices=len(linears), rows={})

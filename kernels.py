@@ -14,9 +14,9 @@ only drafts run int4.
 
 Batch invariance (16 and 8 bits): a row's arithmetic never depends on the other rows of the call. Rows go through
 in tiles of ROW_TILE whatever their number, every reduction runs in a fixed order over blocks that depend only on the
-shapes of the weights, and attention cuts the cache at fixed absolute slots (every SPLIT slots, whatever the length). So a
-verify pass over gamma + 1 tokens computes each token's logits and keys/values bit for bit as one-token dense steps
-would, and speculative decoding in bfloat16 emits exactly the tokens of bfloat16 dense decoding.
+shapes of the weights, and attention cuts the cache at fixed absolute slots (every SPLIT slots, whatever the
+length). So a verify pass over gamma + 1 tokens computes each token's logits and keys/values bit for bit as one-token
+dense steps would, and speculative decoding in bfloat16 emits exactly the tokens of bfloat16 dense decoding.
 
 Importing this file needs no Triton; calling a kernel does (it ships with CUDA builds of PyTorch, and runs on the CPU
 under TRITON_INTERPRET=1, which the tests use).
@@ -89,6 +89,7 @@ def needs_triton(x: torch.Tensor) -> None:
 
 
 INT4_PROGRAMS = 1024  # K is split until an int4 product has about this many programs: a small matrix needs them
+INT4_ROWS = 8  # rows a program at most: each word is dequantized once for all of them
 
 
 if triton is not None:
@@ -110,7 +111,7 @@ if triton is not None:
     def _int4_dequantize(word, scales, zeros):
         # A word's pair i is (q[2i], q[2i + 1]) at bits (4i, 16 + 4i): masked and OR-ed into the mantissas of
         # 128.0 it is the bf16x2 (128 + q[2i], 128 + q[2i + 1]) with one instruction, then (that - 136) * scale + zero
-        # exactly, rounded once. Four bf16x2 weights out; about two instructions a weight.
+        # exactly, rounded once. Four bf16x2 weights out, with no conversion instruction.
         return tl.inline_asm_elementwise(
             """{
             .reg .b32 t, s, mask, magic, one, minus136;
@@ -287,7 +288,7 @@ if triton is not None:
 
         Both operands go into the tensor-core product exactly as loaded: an operand changed in registers (an RMSNorm
         applied to x, int4 values dequantized) costs a trip through shared memory every step, which measured slower
-        than a separate norm kernel, and int4 slower than PyTorch's own kernel (BENCHMARKS.md). Hence PendingNorm."""
+        than a separate norm kernel (BENCHMARKS.md). Hence PendingNorm; int4 has its own product, on the CUDA cores."""
         acc = tl.zeros([TILE, BLOCK_N], tl.float32)
         k = tl.arange(0, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
@@ -431,6 +432,10 @@ if triton is not None:
         tl.store(out + HEAD_DIM // 2, second, mask=row_ok[:, None])
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")  # as Triton reads it
+
+
 def _weight_operands(w: Weights, x: torch.Tensor, K: int):
     if K % 16:
         raise ValueError(f"the decode kernels need in_features a multiple of 16, got {K}")
@@ -449,7 +454,7 @@ def _blocks(w: Weights, K: int, M: int) -> dict:
     dequantized once for them; one row reads best in wide column blocks, more rows in narrow ones."""
     N = w.out_features
     if w.bits == 4:
-        rows = min(triton.next_power_of_2(M), 8)
+        rows = min(triton.next_power_of_2(M), INT4_ROWS)
         return dict(ROWS=rows, BLOCK_N=64 if rows == 1 else 32, BLOCK_K=K // w.scale.shape[0], BITS=4,
                     num_warps=2 if rows == 1 else 4)
     if w.bits == 8:  # int8 keeps its own settings: the 16-bit rule measured slower for it (BENCHMARKS.md, section 8)
@@ -473,7 +478,7 @@ def _split_k(w: Weights, K: int, blocks: dict, grid: tuple, device) -> tuple[tup
                if splits > 1 else w.data)  # only splits > 1 use these two, with at most INT4_PROGRAMS / 2 tiles
     counters = w.counters if splits > 1 else w.data
     return (*grid, splits), dict(Partial=partial, Counters=counters, groups_each=groups_each, splits=splits,
-                                 SPLIT=splits > 1, PTX=os.environ.get("TRITON_INTERPRET") != "1")
+                                 SPLIT=splits > 1, PTX=not _interpreting())
 
 
 def _block_k(K: int, largest: int) -> int:

@@ -73,7 +73,7 @@ class Int4Linear(nn.Module):
     def decode_weights(self) -> Weights:
         return Weights(self.packed, self.bias, bits=4, scale=self.scale_and_zero, counters=self.counters)
 
-    def scales_and_zeros(self) -> torch.Tensor:
+    def scale_and_zero_bf16(self) -> torch.Tensor:
         """[K / group, N, 2] bfloat16: PyTorch's int4 kernels' layout."""
         return self.scale_and_zero.unsqueeze(-1).view(torch.bfloat16)
 
@@ -85,10 +85,12 @@ class Int4Linear(nn.Module):
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         q = self.values().to(dtype).view(self.packed.shape[1], -1, self.group) - 8
-        scale, zero = self.scales_and_zeros().to(dtype).transpose(0, 1).unbind(-1)  # [N, K / group] each
+        scale, zero = self.scale_and_zero_bf16().to(dtype).transpose(0, 1).unbind(-1)  # [N, K / group] each
         return (q * scale[..., None] + zero[..., None]).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device != self.packed.device:
+            raise RuntimeError(f"int4 weights on {self.packed.device} cannot multiply an input on {x.device}")
         if x.is_cuda:
             return kernels.linear(x, self.decode_weights())
         return F.linear(x, self.dequantized(x.dtype), self.bias)

@@ -833,6 +833,16 @@ def test_quantized_linears_stay_close_to_the_weights(bits):
     assert 1e-4 < error < (0.02 if bits == 8 else 0.2)  # quantized for real; int4 is a draft, never a verifier
     with pytest.raises(ValueError, match="in_features a multiple of 32"):
         quant.Int4Linear(torch.nn.Linear(48, 96))
+    with pytest.raises(RuntimeError, match="int4 weights on cpu cannot multiply an input on meta"):
+        quant.Int4Linear(torch.nn.Linear(64, 32))(torch.empty(2, 64, device="meta"))
+
+
+def test_int4_weights_keep_their_values_through_a_dtype_change():
+    """model.to(dtype) turns floating buffers; int4's scales and zeros are stored as integers and stay bfloat16."""
+    quantized = quant.Int4Linear(torch.nn.Linear(64, 32))
+    moved = copy.deepcopy(quantized).double()
+    assert torch.equal(moved.decode_weights().scale, quantized.decode_weights().scale)  # what the GPU kernel reads
+    assert torch.equal(moved.dequantized(torch.float32), quantized.dequantized(torch.float32))
 
 
 def test_int4_weights_follow_the_convention_of_pytorchs_int4_kernels():
@@ -843,7 +853,7 @@ def test_int4_weights_follow_the_convention_of_pytorchs_int4_kernels():
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(quantized.values(), 8)
     x = torch.randn(3, 256).bfloat16()
     kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, quantized.group,
-                                                         quantized.scales_and_zeros())
+                                                         quantized.scale_and_zero_bf16())
     reference = quantized(x.float())
     assert (kernel.float() - reference).abs().max() < 1e-2 * reference.abs().max()
 
@@ -865,7 +875,7 @@ def test_int4_kernel_multiplies_by_the_dequantized_weights(rows, n, k):
         q = quantized.values()
         tinygemm_q = torch.ops.aten._convert_weight_to_int4pack(
             (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).contiguous(), 2)
-        tinygemm = torch.ops.aten._weight_int4pack_mm(x, tinygemm_q, quantized.group, quantized.scales_and_zeros())
+        tinygemm = torch.ops.aten._weight_int4pack_mm(x, tinygemm_q, quantized.group, quantized.scale_and_zero_bf16())
         tinygemm = tinygemm.float() + quantized.bias.float()
         assert (out - tinygemm).abs().max() < 1e-2 * reference.abs().max()
 
