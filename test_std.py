@@ -859,10 +859,10 @@ def test_int4_weights_follow_the_convention_of_pytorchs_int4_kernels():
 
 
 @pytest.mark.parametrize("rows,n,k", [(1, 96, 256), (5, 200, 384), (9, 64, 96), (1, 40, 4096)])
-def test_int4_kernel_multiplies_by_the_dequantized_weights(rows, n, k):
+def test_int4_kernel_multiplies_by_the_dequantized_weights(rows, n, k, monkeypatch):
     """kernels.linear with int4 weights: one row tile or several, K whole or split (the last, with few columns), a
     partial column block; the split counters are left at zero for the next launch. On a GPU also against tinygemm,
-    fed the same q."""
+    fed the same q, and against its plain-Triton twin, which is what the CPU's interpreter runs in its place."""
     device = gpu_or_interpreter()
     torch.manual_seed(rows)
     quantized = quant.Int4Linear(torch.nn.Linear(k, n).bfloat16()).to(device)
@@ -878,6 +878,10 @@ def test_int4_kernel_multiplies_by_the_dequantized_weights(rows, n, k):
         tinygemm = torch.ops.aten._weight_int4pack_mm(x, tinygemm_q, quantized.group, quantized.scale_and_zero_bf16())
         tinygemm = tinygemm.float() + quantized.bias.float()
         assert (out - tinygemm).abs().max() < 1e-2 * reference.abs().max()
+        monkeypatch.setattr(kernels, "_interpreting", lambda: True)
+        twin = kernels.linear(x, quantized.decode_weights()).float()
+        # The twin rounds a pair sum twice where an fma rounds once: an output a bfloat16 step apart, at most.
+        assert ((twin - out).abs() <= 2 ** -7 * out.abs() + 1e-3 * out.abs().max()).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
