@@ -726,7 +726,7 @@ def print_steps_report(report, args):
 # ---------------------------------------------------------------------------------------------- measurements
 
 
-MATVEC_KERNELS = ("_linear_kernel", "_qkv_rotary_kernel", "_int4_kernel")  # kernels.py's products
+MATVEC_KERNELS = ("_linear_kernel", "_qkv_rotary_kernel")  # kernels.py's products
 ALL_REDUCE_KERNELS = ("nccl", "one_shot_all_reduce_kernel")  # NCCL's, symmetric memory's (tp.py)
 
 
@@ -1015,7 +1015,7 @@ def answer_attention(model, prefilled, inputs, answer):
 
 def kernels_mode(args, model, device):
     """The matrix-vector products of a draft step, by kernel: every layer's qkv, o, gate_up and down in turn, as one
-    CUDA graph. Ours (kernels.linear, kernels.int4_linear) against cuBLAS, PyTorch's int8 and int4 (tinygemm)
+    CUDA graph. Ours (kernels.linear) against cuBLAS, PyTorch's int8 and int4 (tinygemm)
     kernels and gpt-fast's int8."""
     import torch._inductor.config
 
@@ -1043,8 +1043,7 @@ def kernels_mode(args, model, device):
             x[m.in_features], q.weight, scale) for m, q, scale in zip(linears, int8, scales)], int8_bytes),
         "int8, gpt-fast (compiled dequantize + F.linear)": (lambda x: [gpt_fast_int8(
             x[m.in_features], q.weight, scale) for m, q, scale in zip(linears, int8, scales)], int8_bytes),
-        "int4, ours (kernels.int4_linear)": (lambda x: [kernels.int4_linear(x[m.in_features], q.decode_weights())
-                                                        for m, q in zip(linears, int4)], int4_bytes),
+        "int4, ours (kernels.linear)": (ours(int4), int4_bytes),
         "int4, PyTorch _weight_int4pack_mm (tinygemm)": (lambda x: [torch.ops.aten._weight_int4pack_mm(
             x[m.in_features], t, q.group, q.scale_and_zero_bf16()) for m, q, t in zip(linears, int4, tinygemm)],
             int4_bytes),

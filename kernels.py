@@ -8,15 +8,15 @@ A decoder layer's step on a GPU is six launches:
     x = linear(h, down, residual=x, then_norm)   the down projection plus the residual
 and the head is `linear(x, lm_head)`. The RMSNorms have no launches of their own: a product that writes the residual
 stream also writes it times the next norm's weight and its sums of squares (`PendingNorm`), and the product that
-reads it scales its sums by 1 / rms. Weights come as bfloat16/float32 or int8 (`Weights`). int4 weights have a
-product of their own, `int4_linear`, on the CUDA cores (quant.Int4Linear calls it); it is not batch-invariant, and
-need not be: only drafts run int4.
+reads it scales its sums by 1 / rms. Weights come as bfloat16/float32, int8 or int4 (`Weights`); int4 products run
+on the CUDA cores in packed bfloat16 arithmetic (inline PTX) and are not batch-invariant, which they need not be:
+only drafts run int4.
 
-Batch invariance: a row's arithmetic never depends on the other rows of the call. Rows go through in tiles of
-ROW_TILE whatever their number, every reduction runs in a fixed order over blocks that depend only on the shapes of
-the weights, and attention cuts the cache at fixed absolute slots (every SPLIT slots, whatever the length). So a
-verify pass over gamma + 1 tokens computes each token's logits and keys/values bit for bit as one-token dense steps
-would, and speculative decoding in bfloat16 emits exactly the tokens of bfloat16 dense decoding.
+Batch invariance (16 and 8 bits): a row's arithmetic never depends on the other rows of the call. Rows go through
+in tiles of ROW_TILE whatever their number, every reduction runs in a fixed order over blocks that depend only on the
+shapes of the weights, and attention cuts the cache at fixed absolute slots (every SPLIT slots, whatever the
+length). So a verify pass over gamma + 1 tokens computes each token's logits and keys/values bit for bit as one-token
+dense steps would, and speculative decoding in bfloat16 emits exactly the tokens of bfloat16 dense decoding.
 
 Importing this file needs no Triton; calling a kernel does (it ships with CUDA builds of PyTorch, and runs on the CPU
 under TRITON_INTERPRET=1, which the tests use).
@@ -51,6 +51,10 @@ class Weights(NamedTuple):
     scale: torch.Tensor | None = None
     counters: torch.Tensor | None = None
 
+    @property
+    def out_features(self) -> int:
+        return self.data.shape[1] if self.bits == 4 else self.data.shape[0]
+
 
 class PendingNorm(NamedTuple):
     """x on its way into an RMSNorm and the product after it, which finishes the norm.
@@ -65,9 +69,8 @@ class PendingNorm(NamedTuple):
 
 
 def readable(linear) -> bool:
-    """Whether the fused layer kernels read this layer: an nn.Linear or quant.Int8Linear. int4 layers have a product
-    of their own, `int4_linear`, which their module calls."""
-    return isinstance(linear, torch.nn.Linear) or (hasattr(linear, "decode_weights") and linear.bits != 4)
+    """Whether the kernels read this layer: an nn.Linear, or a module with its own `decode_weights()` (quant.py)."""
+    return isinstance(linear, torch.nn.Linear) or hasattr(linear, "decode_weights")
 
 
 def weights_of(linear) -> Weights:
@@ -82,287 +85,10 @@ def needs_triton(x: torch.Tensor) -> None:
         raise TypeError(f"the decode kernels take bfloat16, float16 or float32 activations, got {x.dtype}")
 
 
-# ---------------------------------------------------------------------------------------------- matrix-vector
+# ---------------------------------------------------------------------------------------------- int4 arithmetic
 
 
-if triton is not None:
-    TILE = tl.constexpr(ROW_TILE)
-
-    @triton.jit
-    def _pending_norm_kernel(X, sxm, Weight, Scaled, ssm, Squares, ssq, K: tl.constexpr, BLOCK: tl.constexpr):
-        # One program a row, the whole row at once: x * weight and the sum of x^2 (one piece).
-        row = tl.program_id(0)
-        k = tl.arange(0, BLOCK)
-        x = tl.load(X + row * sxm + k, mask=k < K, other=0.0).to(tl.float32)
-        tl.store(Squares + row * ssq, tl.sum(x * x, 0))
-        weight = tl.load(Weight + k, mask=k < K, other=0.0).to(tl.float32)
-        tl.store(Scaled + row * ssm + k, (x * weight).to(Scaled.dtype.element_ty), mask=k < K)
-
-    @triton.jit
-    def _write_pending_norm(y, rows, row_ok, cols, col_ok, piece, NormWeight, Scaled, ssm, Squares, ssq):
-        # y [TILE, BLOCK_N]: the rounded output, in float32. Its columns are piece `piece` of each row's squares.
-        # (The norm's weight loaded before the product measured slower with int8 weights.)
-        tl.store(Squares + rows * ssq + piece, tl.sum(tl.where(col_ok[None, :], y * y, 0.0), 1), mask=row_ok)
-        weight = tl.load(NormWeight + cols, mask=col_ok, other=0.0).to(tl.float32)
-        tl.store(Scaled + rows[:, None] * ssm + cols[None, :], (y * weight[None, :]).to(Scaled.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
-
-    @triton.jit
-    def _product(X, sxm, rows, row_ok, W, swn, Scale, cols, col_ok, K, InSquares, sisq, P, eps, BITS: tl.constexpr,
-                 NORM_IN: tl.constexpr, P_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRECISION: tl.constexpr):
-        """float32 [TILE, BLOCK_N]: x[rows] times the weight rows `cols`, summed over K in order, BLOCK_K at a time.
-        NORM_IN: x is a PendingNorm's `scaled`, and the sums are multiplied by 1 / rms(x).
-
-        Both operands go into the tensor-core product exactly as loaded: an operand changed in registers (an RMSNorm
-        applied to x, int4 values dequantized) costs a trip through shared memory every step, which measured slower
-        than a separate norm kernel (BENCHMARKS.md). Hence PendingNorm; int4 has its own product, on the CUDA cores."""
-        acc = tl.zeros([TILE, BLOCK_N], tl.float32)
-        k = tl.arange(0, BLOCK_K)
-        for k0 in range(0, K, BLOCK_K):
-            x = tl.load(X + rows[:, None] * sxm + (k0 + k)[None, :], mask=row_ok[:, None], other=0.0)
-            w = tl.load(W + cols[:, None] * swn + (k0 + k)[None, :], mask=col_ok[:, None], other=0.0)
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
-        if BITS == 8:
-            acc *= tl.load(Scale + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if NORM_IN:
-            # The P pieces of the squares, added by one reduction tree. Read here, not before the loop or a piece
-            # a step alongside x: both measured slower (registers held through the loop; instructions in it).
-            p = tl.arange(0, P_BLOCK)
-            squares = tl.load(InSquares + rows[:, None] * sisq + p[None, :], mask=row_ok[:, None] & (p < P)[None, :],
-                              other=0.0)
-            acc *= tl.rsqrt(tl.sum(squares, 1) / K + eps)[:, None]
-        return acc
-
-    @triton.jit
-    def _linear_kernel(X, sxm, W, swn, Scale, Bias, Res, srm, Y, sym, M, N, K, InSquares, sisq, P, eps, NormWeight,
-                       Scaled, sscm, OutSquares, sosq, BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       RESIDUAL: tl.constexpr, GATED: tl.constexpr, NORM_IN: tl.constexpr, NORM_OUT: tl.constexpr,
-                       P_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-        # Row tiles are the fastest program index: the tiles that share a block of the weight run together, so it
-        # comes from memory once and from the L2 cache after.
-        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-        rows = pid_m * TILE + tl.arange(0, TILE)
-        row_ok = rows < M
-        j = tl.arange(0, BLOCK_N)
-        if GATED:  # gate column c and up column N + c side by side: SiLU(gate) * up is one output column
-            out_cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-            cols = pid_n * (BLOCK_N // 2) + j // 2 + (j % 2) * N
-            col_ok = (pid_n * (BLOCK_N // 2) + j // 2) < N
-        else:
-            out_cols = pid_n * BLOCK_N + j
-            cols = out_cols
-            col_ok = cols < N
-        if RESIDUAL:  # loaded before the product, so that the epilogue does not wait on it (not timed apart)
-            res = tl.load(Res + rows[:, None] * srm + out_cols[None, :], mask=row_ok[:, None] & (out_cols < N)[None, :],
-                          other=0.0)
-        acc = _product(X, sxm, rows, row_ok, W, swn, Scale, cols, col_ok, K, InSquares, sisq, P, eps, BITS, NORM_IN,
-                       P_BLOCK, BLOCK_N, BLOCK_K, PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        y = acc.to(Y.dtype.element_ty)  # rounded as the unfused layer rounds its product
-        if GATED:
-            gate, up = tl.split(tl.reshape(y, (TILE, BLOCK_N // 2, 2)))
-            gate = gate.to(tl.float32)
-            y = (gate * tl.sigmoid(gate)).to(Y.dtype.element_ty).to(tl.float32) * up.to(tl.float32)
-        if RESIDUAL:
-            y = res.to(tl.float32) + y.to(tl.float32)
-        y = y.to(Y.dtype.element_ty)
-        tl.store(Y + rows[:, None] * sym + out_cols[None, :], y, mask=row_ok[:, None] & (out_cols < N)[None, :])
-        if NORM_OUT:
-            _write_pending_norm(y.to(tl.float32), rows, row_ok, out_cols, out_cols < N, pid_n, NormWeight, Scaled,
-                                sscm, OutSquares, sosq)
-
-    @triton.jit
-    def _qkv_rotary_kernel(X, sxm, W, swn, Scale, Bias, Pos, InvFreq, Q, sqm, T,
-                           K1, V1, L1, sk1b, sk1h, sk1s, sv1b, sv1h, sv1s,
-                           K2, V2, L2, sk2b, sk2h, sk2s, sv2b, sv2h, sv2s, M, N, K, InSquares, sisq, P, eps,
-                           N_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           BITS: tl.constexpr, HAS_BIAS: tl.constexpr, MIRROR: tl.constexpr, P_BLOCK: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-        # A program holds BLOCK_N / 2 rotary pairs (i, i + HEAD_DIM / 2) of one head, so it can turn them itself.
-        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-        PAIRS: tl.constexpr = BLOCK_N // 2
-        PER_HEAD: tl.constexpr = HEAD_DIM // BLOCK_N
-        head = pid_n // PER_HEAD
-        i = (pid_n % PER_HEAD) * PAIRS + tl.arange(0, PAIRS)  # frequency index, 0 .. HEAD_DIM / 2
-        j = tl.arange(0, BLOCK_N)
-        cols = head * HEAD_DIM + (pid_n % PER_HEAD) * PAIRS + j // 2 + (j % 2) * (HEAD_DIM // 2)
-        rows = pid_m * TILE + tl.arange(0, TILE)
-        row_ok = rows < M
-        b, t = rows // T, rows % T
-        # The epilogue's operands first, so that it does not wait on them (not timed apart). Generated tokens are
-        # text: one position on every M-RoPE axis, so every frequency turns with it.
-        angle = tl.load(Pos + rows, mask=row_ok, other=0).to(tl.float32)[:, None] * tl.load(InvFreq + i)[None, :]
-        cos, sin = tl.cos(angle), tl.sin(angle)
-        slot1 = tl.load(L1 + b, mask=row_ok, other=0) + t  # a new key's or value's slot: the length plus its index
-        slot2 = tl.load(L2 + b, mask=row_ok, other=0) + t
-        if HAS_BIAS:
-            bias = tl.load(Bias + cols).to(tl.float32)
-        acc = _product(X, sxm, rows, row_ok, W, swn, Scale, cols, cols < N, K, InSquares, sisq, P, eps, BITS, True,
-                       P_BLOCK, BLOCK_N, BLOCK_K, PRECISION)
-        if HAS_BIAS:
-            acc += bias[None, :]
-        first, second = tl.split(tl.reshape(acc.to(Q.dtype.element_ty), (TILE, PAIRS, 2)))
-        first, second = first.to(tl.float32), second.to(tl.float32)
-        if head < N_HEADS + N_KV_HEADS:  # queries and keys turn; values do not
-            first, second = first * cos - second * sin, second * cos + first * sin
-        first, second = first.to(Q.dtype.element_ty), second.to(Q.dtype.element_ty)
-        if head < N_HEADS:
-            out = Q + rows[:, None] * sqm + head * HEAD_DIM + i[None, :]
-            tl.store(out, first, mask=row_ok[:, None])
-            tl.store(out + HEAD_DIM // 2, second, mask=row_ok[:, None])
-        else:  # a key or value head: into the cache (and the mirror)
-            if head < N_HEADS + N_KV_HEADS:
-                _write_head(K1, slot1, sk1b, sk1h, sk1s, b, head - N_HEADS, i, first, second, row_ok, HEAD_DIM)
-                if MIRROR:
-                    _write_head(K2, slot2, sk2b, sk2h, sk2s, b, head - N_HEADS, i, first, second, row_ok, HEAD_DIM)
-            else:
-                h = head - N_HEADS - N_KV_HEADS
-                _write_head(V1, slot1, sv1b, sv1h, sv1s, b, h, i, first, second, row_ok, HEAD_DIM)
-                if MIRROR:
-                    _write_head(V2, slot2, sv2b, sv2h, sv2s, b, h, i, first, second, row_ok, HEAD_DIM)
-
-    @triton.jit
-    def _write_head(Cache, slot, scb, sch, scs, b, h, i, first, second, row_ok, HEAD_DIM: tl.constexpr):
-        # The rotary pairs (i, i + HEAD_DIM / 2) of the rows of sequences b, into head h at their slots.
-        out = Cache + b[:, None] * scb + h * sch + slot[:, None] * scs + i[None, :]
-        tl.store(out, first, mask=row_ok[:, None])
-        tl.store(out + HEAD_DIM // 2, second, mask=row_ok[:, None])
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")  # as Triton reads it
-
-
-def _weight_operands(w: Weights, K: int):
-    if w.bits == 4:
-        raise ValueError("int4 weights have a product of their own: int4_linear")
-    if K % 16:
-        raise ValueError(f"the decode kernels need in_features a multiple of 16, got {K}")
-    return w.data, w.data.stride(0), w.scale if w.scale is not None else w.data
-
-
-def _blocks(w: Weights, K: int) -> dict:
-    """Tile sizes and launch settings for a weight: they depend on the weight alone, never on the rows.
-
-    Swept on an H200 over the decoder matrices of Qwen2-VL-2B, 7B and a 72B tensor-parallel rank. A matrix with
-    few output rows gets narrow column blocks, so that there are programs for every multiprocessor; a long row
-    gets a deeper pipeline of loads."""
-    N = w.data.shape[0]
-    if w.bits == 8:  # int8 keeps its own settings: the 16-bit rule measured slower for it (BENCHMARKS.md, section 8)
-        return dict(BLOCK_N=64 if N >= 16384 else 32, BLOCK_K=_block_k(K, 256), BITS=8, num_warps=4, num_stages=4)
-    wide = N >= 16384
-    block_k = _block_k(K, 128 if wide else 256)
-    return dict(BLOCK_N=(64 if K > 4096 else 32) if wide else 16, BLOCK_K=block_k, BITS=w.bits, num_warps=2,
-                num_stages=6 if K // block_k > 32 else 4)
-
-
-def _block_k(K: int, largest: int) -> int:
-    return next(b for b in (256, 128, 64, 32, 16) if b <= largest and K % b == 0)
-
-
-def _precision(x: torch.Tensor) -> str:
-    return "ieee" if x.dtype == torch.float32 else "tf32"  # float32 exactly; tf32 is ignored for 16-bit inputs
-
-
-def pending_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> PendingNorm:
-    """x [..., K] pending RMSNorm(weight, eps), for a product to finish; one program a row."""
-    needs_triton(x)
-    flat = x.reshape(-1, x.shape[-1]).contiguous()
-    scaled = torch.empty_like(flat)
-    squares = torch.empty(flat.shape[0], 1, device=x.device, dtype=torch.float32)
-    K = flat.shape[1]
-    _pending_norm_kernel[(flat.shape[0],)](flat, flat.stride(0), weight, scaled, scaled.stride(0), squares,
-                                           squares.stride(0), K=K, BLOCK=triton.next_power_of_2(K), num_warps=8)
-    return PendingNorm(x, scaled.view(x.shape), squares, eps)
-
-
-def _finish_norm(x: PendingNorm) -> dict:
-    """The arguments with which a product finishes x's norm."""
-    P = x.squares.shape[1]
-    return dict(InSquares=x.squares, sisq=x.squares.stride(0), P=P, eps=x.eps, P_BLOCK=triton.next_power_of_2(P))
-
-
-def linear(x: torch.Tensor | PendingNorm, w: Weights, residual: torch.Tensor | None = None, gated: bool = False,
-           then_norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor | PendingNorm:
-    """x [..., K] -> [..., N]: x @ w^T, plus bias and `residual`. A PendingNorm x is normalized first.
-
-    gated: w holds gate then up (N = 2 I rows) and the result is SiLU(x @ gate^T) * (x @ up^T), [..., I].
-    then_norm (weight, eps): the result comes pending that RMSNorm (a PendingNorm), for the next product.
-    """
-    pending = x if isinstance(x, PendingNorm) else None
-    x = pending.scaled if pending else x
-    needs_triton(x)
-    flat = x.reshape(-1, x.shape[-1])
-    if flat.stride(-1) != 1:
-        flat = flat.contiguous()
-    (M, K), rows_out = flat.shape, w.data.shape[0]
-    N = rows_out // 2 if gated else rows_out
-    data, swn, scale = _weight_operands(w, K)
-    blocks = _blocks(w, K)
-    norm_in = _finish_norm(pending) if pending else dict(InSquares=x, sisq=0, P=1, eps=0.0, P_BLOCK=1)
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    res = residual.reshape(M, N) if residual is not None else y
-    grid = (triton.cdiv(M, ROW_TILE), triton.cdiv(N, blocks["BLOCK_N"] // 2 if gated else blocks["BLOCK_N"]))
-    if then_norm is not None:
-        scaled = torch.empty_like(y)
-        squares = torch.empty(M, grid[1], device=x.device, dtype=torch.float32)  # a piece per column block
-        norm_out = dict(NormWeight=then_norm[0], Scaled=scaled, sscm=scaled.stride(0), OutSquares=squares,
-                        sosq=squares.stride(0))
-    else:
-        norm_out = dict(NormWeight=y, Scaled=y, sscm=0, OutSquares=y, sosq=0)
-    _linear_kernel[grid](
-        flat, flat.stride(0), data, swn, scale, w.bias if w.bias is not None else flat, res, res.stride(0), y,
-        y.stride(0), M, N, K, HAS_BIAS=w.bias is not None, RESIDUAL=residual is not None, GATED=gated,
-        NORM_IN=pending is not None, NORM_OUT=then_norm is not None, PRECISION=_precision(x), **norm_in, **norm_out,
-        **blocks,
-    )
-    y = y.view(*x.shape[:-1], N)
-    if then_norm is None:
-        return y
-    return PendingNorm(y, scaled.view(y.shape), squares, then_norm[1])
-
-
-def gated_linear(x: torch.Tensor | PendingNorm, w: Weights) -> torch.Tensor:
-    return linear(x, w, gated=True)
-
-
-def qkv_rotary(x: PendingNorm, w: Weights, pos: torch.Tensor, inv_freq: torch.Tensor, n_heads: int,
-               n_kv_heads: int, cache, mirror=None) -> torch.Tensor:
-    """x [B, T, dim], pending its RMSNorm -> queries [B, T, n_heads * D], rotated; the tokens' rotated keys and
-    values are written to `cache` (.k, .v [B, Hkv, S, D], .lengths [B]) at slots lengths[b] + t, and to `mirror` at
-    its own lengths.
-
-    pos [B, T]: each token's position, the same on every M-RoPE axis (generated tokens are text).
-    """
-    needs_triton(x.x)
-    B, T, K = x.x.shape
-    D = cache.k.shape[-1]
-    if D < 16 or D & (D - 1):
-        raise NotImplementedError(f"the decode kernels need a power-of-two head_dim of at least 16, got {D}")
-    flat = x.scaled.reshape(B * T, K).contiguous()
-    N = (n_heads + 2 * n_kv_heads) * D
-    data, swn, scale = _weight_operands(w, K)
-    blocks = _blocks(w, K)
-    blocks["BLOCK_N"] = min(blocks["BLOCK_N"], D)
-    q = torch.empty(B * T, n_heads * D, device=flat.device, dtype=flat.dtype)
-    other = mirror if mirror is not None else cache
-    _qkv_rotary_kernel[(triton.cdiv(B * T, ROW_TILE), N // blocks["BLOCK_N"])](
-        flat, flat.stride(0), data, swn, scale, w.bias if w.bias is not None else flat,
-        pos.reshape(-1).contiguous(), inv_freq, q, q.stride(0), T,
-        cache.k, cache.v, cache.lengths, *cache.k.stride()[:3], *cache.v.stride()[:3],
-        other.k, other.v, other.lengths, *other.k.stride()[:3], *other.v.stride()[:3], B * T, N,
-        K, N_HEADS=n_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=D, HAS_BIAS=w.bias is not None,
-        MIRROR=mirror is not None, PRECISION=_precision(flat), **_finish_norm(x), **blocks,
-    )
-    return q.view(B, T, n_heads * D)
-
-
-# ---------------------------------------------------------------------------------------------- int4
-
-
-INT4_PROGRAMS = 1024  # K is split until a product has about this many programs: a small matrix needs them all
+INT4_PROGRAMS = 1024  # K is split until an int4 product has about this many programs: a small matrix needs them
 INT4_ROWS = 8  # rows a program at most: each word is dequantized once for all of them
 
 
@@ -444,92 +170,418 @@ if triton is not None:
         lo = tl.zeros(word.shape, tl.float32)
         hi = tl.zeros(word.shape, tl.float32)
         for i in tl.static_range(4):
-            lo = _round_bf16(_int4_weight(word, 4 * i, scale, zero) * tl.load(X + 2 * i).to(tl.float32) + lo)
-            hi = _round_bf16(_int4_weight(word, 16 + 4 * i, scale, zero) * tl.load(X + 2 * i + 1).to(tl.float32) + hi)
+            x_lo = _round_bf16(tl.load(X + 2 * i).to(tl.float32))
+            x_hi = _round_bf16(tl.load(X + 2 * i + 1).to(tl.float32))
+            lo = _round_bf16(_int4_weight(word, 4 * i, scale, zero) * x_lo + lo)
+            hi = _round_bf16(_int4_weight(word, 16 + 4 * i, scale, zero) * x_hi + hi)
         return lo + hi
 
     @triton.jit
-    def _int4_kernel(X, sxm, W, SZ, Bias, Y, sym, Partial, Counters, M, N, K, groups_each, splits,
-                     HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
-                     SPLIT: tl.constexpr, PTX: tl.constexpr):
-        # A program: ROWS rows, BLOCK_N columns, one piece of K (groups_each groups). Each word is dequantized once
-        # for all the rows. With SPLIT, each piece leaves its sums and the last program of a tile to arrive adds the
-        # pieces in order and writes the tile.
-        pid_m, pid_n, piece = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        rows = pid_m * ROWS + tl.arange(0, ROWS)
-        row_ok = rows < M
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        WORDS: tl.constexpr = GROUP // 8  # a group's words of a column, one loop step
+    def _int4_inputs_of(at):
+        # The eight inputs of a word, as four bf16x2 registers: bfloat16 ones with one 16-byte load, float32 ones
+        # rounded to bfloat16 pairwise.
+        if at.dtype.element_ty == tl.float32:
+            return tl.inline_asm_elementwise(
+                """{
+                .reg .f32 a0, a1, a2, a3, a4, a5, a6, a7;
+                ld.global.nc.v4.f32 {a0, a1, a2, a3}, [$4];
+                ld.global.nc.v4.f32 {a4, a5, a6, a7}, [$4 + 16];
+                cvt.rn.bf16x2.f32 $0, a1, a0;
+                cvt.rn.bf16x2.f32 $1, a3, a2;
+                cvt.rn.bf16x2.f32 $2, a5, a4;
+                cvt.rn.bf16x2.f32 $3, a7, a6;
+                }""", "=r,=r,=r,=r,l", [at], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+        return _int4_inputs(at)
+
+    @triton.jit
+    def _int4_product(X, sxm, rows, row_ok, W, swn, SZ, cols, col_ok, K, groups_each, InSquares, sisq, P, eps,
+                      NORM_IN: tl.constexpr, P_BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                      GROUP: tl.constexpr, PTX: tl.constexpr):
+        """float32 [ROWS, BLOCK_N]: x[rows] times the int4 weight columns `cols` over this program's piece of K
+        (groups_each groups from program_id(2)), a group a loop step. Each word is dequantized once for all ROWS
+        rows. NORM_IN as in _product."""
+        WORDS: tl.constexpr = GROUP // 8  # a column's words in a group
         kw = tl.arange(0, WORDS)
         acc = tl.zeros([ROWS, WORDS, BLOCK_N], tl.float32)
-        first = piece * groups_each
+        first = tl.program_id(2) * groups_each
         end = tl.minimum(first + groups_each, K // GROUP)
-        at = W + kw[None, :, None] * N + cols[None, None, :]  # [1, WORDS, BLOCK_N]: every layout from this load
-        words = tl.load(at + first * WORDS * N, mask=col_ok[None, None, :], other=0)
+        at = W + kw[None, :, None] * swn + cols[None, None, :]  # [1, WORDS, BLOCK_N]: every layout from this load
+        words = tl.load(at + first * WORDS * swn, mask=col_ok[None, None, :], other=0)
         x_row = X + tl.where(row_ok, rows, 0) * sxm
         for g in range(first, end):
             current = words
             if g + 1 < end:  # the next group's words in flight while this one's are used
-                words = tl.load(at + (g + 1) * WORDS * N, mask=col_ok[None, None, :], other=0)
+                words = tl.load(at + (g + 1) * WORDS * swn, mask=col_ok[None, None, :], other=0)
             if PTX:
-                scales, zeros = _int4_scales(SZ + g * N + tl.where(col_ok, cols, 0))
+                scales, zeros = _int4_scales(SZ + g * swn + tl.where(col_ok, cols, 0))
                 w0, w1, w2, w3 = _int4_dequantize(current, scales[None, None, :], zeros[None, None, :])
-                pairs = x_row.to(tl.pointer_type(tl.int32))[:, None] + (g * WORDS + kw)[None, :] * 4  # [ROWS, WORDS]
-                x0, x1, x2, x3 = _int4_inputs(pairs)
+                x0, x1, x2, x3 = _int4_inputs_of(x_row[:, None] + (g * GROUP + kw * 8)[None, :])
                 acc += _int4_dot(w0, w1, w2, w3, x0[:, :, None], x1[:, :, None], x2[:, :, None], x3[:, :, None])
             else:
-                halves = SZ.to(tl.pointer_type(tl.bfloat16)) + (g * N + cols) * 2
+                halves = SZ.to(tl.pointer_type(tl.bfloat16)) + (g * swn + cols) * 2
                 scale = tl.load(halves, mask=col_ok, other=0.0).to(tl.float32)
                 zero = tl.load(halves + 1, mask=col_ok, other=0.0).to(tl.float32)
                 acc += _int4_dot_plain(current, scale[None, None, :], zero[None, None, :],
                                        x_row[:, None, None] + (g * GROUP + kw * 8)[None, :, None])
-        y = tl.sum(acc, 1)
-        out_ok = row_ok[:, None] & col_ok[None, :]
-        if SPLIT:
-            tile = pid_m * tl.num_programs(1) + pid_n
-            sums = Partial + rows[:, None] * N + cols[None, :]
-            tl.store(sums + piece * M * N, y, mask=out_ok)
-            tl.debug_barrier()  # every thread's sums are written before the count says so
-            arrived = tl.atomic_add(Counters + tile, 1, sem="acq_rel")
-            last = (tl.zeros([ROWS], tl.int32) + arrived) == splits - 1  # a vector: the interpreter needs one
-            out_ok = out_ok & last[:, None]
-            y = tl.zeros([ROWS, BLOCK_N], tl.float32)
-            for p in range(splits):
-                y += tl.load(sums + p * M * N, mask=out_ok, other=0.0, cache_modifier=".cg")
-            tl.store(Counters + tile, 0, mask=arrived == splits - 1)  # ready for the next launch
+        acc = tl.sum(acc, 1)
+        if NORM_IN:
+            acc *= _inverse_rms(InSquares, sisq, rows, row_ok, P, K, eps, P_BLOCK)[:, None]
+        return acc
+
+    @triton.jit
+    def _interleaved(acc, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+        # [ROWS, BLOCK_N] as (a0 .. a(n-1), b0 .. b(n-1)) -> (a0, b0, a1, b1, ...): the int4 product loads a thread's
+        # columns side by side (one 16-byte load; paired columns would be four loads), the epilogues take pairs.
+        return tl.reshape(tl.permute(tl.reshape(acc, (ROWS, 2, BLOCK_N // 2)), (0, 2, 1)), (ROWS, BLOCK_N))
+
+    @triton.jit
+    def _split_sum(acc, Partial, Counters, splits, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """K split over program_id(2): each piece of a tile leaves its sums, and the last program of the tile to
+        arrive adds them all in order (the same sum whichever arrives last). -> (the sum, True) in that program,
+        (acc, False) in the others, a row vector."""
+        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        tile_size: tl.constexpr = ROWS * BLOCK_N
+        every_tile = tl.num_programs(0) * tl.num_programs(1) * tile_size
+        at = Partial + tile * tile_size + tl.arange(0, ROWS)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tl.store(at + tl.program_id(2) * every_tile, acc)
+        tl.debug_barrier()  # every thread's sums are written before the count says so
+        arrived = tl.atomic_add(Counters + tile, 1, sem="acq_rel")
+        last = (tl.zeros([ROWS], tl.int32) + arrived) == splits - 1  # a vector: Triton's interpreter needs one
+        total = tl.zeros([ROWS, BLOCK_N], tl.float32)
+        for piece in range(splits):
+            total += tl.load(at + piece * every_tile, mask=last[:, None], other=0.0, cache_modifier=".cg")
+        tl.store(Counters + tile, 0, mask=arrived == splits - 1)  # ready for the next launch
+        return total, last
+
+
+# ---------------------------------------------------------------------------------------------- matrix-vector
+
+
+if triton is not None:
+    TILE = tl.constexpr(ROW_TILE)
+
+    @triton.jit
+    def _pending_norm_kernel(X, sxm, Weight, Scaled, ssm, Squares, ssq, K: tl.constexpr, BLOCK: tl.constexpr):
+        # One program a row, the whole row at once: x * weight and the sum of x^2 (one piece).
+        row = tl.program_id(0)
+        k = tl.arange(0, BLOCK)
+        x = tl.load(X + row * sxm + k, mask=k < K, other=0.0).to(tl.float32)
+        tl.store(Squares + row * ssq, tl.sum(x * x, 0))
+        weight = tl.load(Weight + k, mask=k < K, other=0.0).to(tl.float32)
+        tl.store(Scaled + row * ssm + k, (x * weight).to(Scaled.dtype.element_ty), mask=k < K)
+
+    @triton.jit
+    def _write_pending_norm(y, rows, row_ok, cols, col_ok, piece, NormWeight, Scaled, ssm, Squares, ssq):
+        # y [TILE, BLOCK_N]: the rounded output, in float32. Its columns are piece `piece` of each row's squares.
+        # (The norm's weight loaded before the product measured slower with int8 weights.)
+        tl.store(Squares + rows * ssq + piece, tl.sum(tl.where(col_ok[None, :], y * y, 0.0), 1), mask=row_ok)
+        weight = tl.load(NormWeight + cols, mask=col_ok, other=0.0).to(tl.float32)
+        tl.store(Scaled + rows[:, None] * ssm + cols[None, :], (y * weight[None, :]).to(Scaled.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+    @triton.jit
+    def _product(X, sxm, rows, row_ok, W, swn, Scale, cols, col_ok, K, InSquares, sisq, P, eps, BITS: tl.constexpr,
+                 NORM_IN: tl.constexpr, P_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PRECISION: tl.constexpr):
+        """float32 [TILE, BLOCK_N]: x[rows] times the weight rows `cols`, summed over K in order, BLOCK_K at a time.
+        NORM_IN: x is a PendingNorm's `scaled`, and the sums are multiplied by 1 / rms(x).
+
+        Both operands go into the tensor-core product exactly as loaded: an operand changed in registers (an RMSNorm
+        applied to x, int4 values dequantized) costs a trip through shared memory every step, which measured slower
+        than a separate norm kernel (BENCHMARKS.md). Hence PendingNorm; int4 has its own product, on the CUDA cores."""
+        acc = tl.zeros([TILE, BLOCK_N], tl.float32)
+        k = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(X + rows[:, None] * sxm + (k0 + k)[None, :], mask=row_ok[:, None], other=0.0)
+            w = tl.load(W + cols[:, None] * swn + (k0 + k)[None, :], mask=col_ok[:, None], other=0.0)
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
+        if BITS == 8:
+            acc *= tl.load(Scale + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if NORM_IN:
+            acc *= _inverse_rms(InSquares, sisq, rows, row_ok, P, K, eps, P_BLOCK)[:, None]
+        return acc
+
+    @triton.jit
+    def _inverse_rms(InSquares, sisq, rows, row_ok, P, K, eps, P_BLOCK: tl.constexpr):
+        # The P pieces of the squares, added by one reduction tree. Read after the product's loop, not before it or
+        # a piece a step alongside x: both measured slower (registers held through the loop; instructions in it).
+        p = tl.arange(0, P_BLOCK)
+        squares = tl.load(InSquares + rows[:, None] * sisq + p[None, :], mask=row_ok[:, None] & (p < P)[None, :],
+                          other=0.0)
+        return tl.rsqrt(tl.sum(squares, 1) / K + eps)
+
+    @triton.jit
+    def _linear_kernel(X, sxm, W, swn, Scale, Bias, Res, srm, Y, sym, M, N, K, InSquares, sisq, P, eps, NormWeight,
+                       Scaled, sscm, OutSquares, sosq, Partial, Counters, groups_each, splits, BITS: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr, NORM_IN: tl.constexpr,
+                       NORM_OUT: tl.constexpr, P_BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, PTX: tl.constexpr):
+        # Row tiles are the fastest program index: the tiles that share a block of the weight run together, so it
+        # comes from memory once and from the L2 cache after. int4: program_id(2) is the piece of K.
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        rows = pid_m * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < M
+        j = tl.arange(0, BLOCK_N)
+        if GATED:  # gate column c and up column N + c side by side: SiLU(gate) * up is one output column
+            out_cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            cols = pid_n * (BLOCK_N // 2) + j // 2 + (j % 2) * N
+            col_ok = (pid_n * (BLOCK_N // 2) + j // 2) < N
+        else:
+            out_cols = pid_n * BLOCK_N + j
+            cols = out_cols
+            col_ok = cols < N
+        if RESIDUAL:  # loaded before the product, so that the epilogue does not wait on it (not timed apart)
+            res = tl.load(Res + rows[:, None] * srm + out_cols[None, :], mask=row_ok[:, None] & (out_cols < N)[None, :],
+                          other=0.0)
+        if BITS == 4:
+            if GATED:  # the block's gate columns, then its up columns, each thread's side by side; paired after
+                half = j % (BLOCK_N // 2)
+                acc = _int4_product(X, sxm, rows, row_ok, W, swn, Scale, pid_n * (BLOCK_N // 2) + half
+                                    + (j // (BLOCK_N // 2)) * N, (pid_n * (BLOCK_N // 2) + half) < N, K, groups_each,
+                                    InSquares, sisq, P, eps, NORM_IN, P_BLOCK, ROWS, BLOCK_N, BLOCK_K, PTX)
+                acc = _interleaved(acc, ROWS, BLOCK_N)
+            else:
+                acc = _int4_product(X, sxm, rows, row_ok, W, swn, Scale, cols, col_ok, K, groups_each, InSquares,
+                                    sisq, P, eps, NORM_IN, P_BLOCK, ROWS, BLOCK_N, BLOCK_K, PTX)
+            if SPLIT:  # only the last program of a tile goes on, with the whole sum
+                acc, last = _split_sum(acc, Partial, Counters, splits, ROWS, BLOCK_N)
+                row_ok = row_ok & last
+        else:
+            acc = _product(X, sxm, rows, row_ok, W, swn, Scale, cols, col_ok, K, InSquares, sisq, P, eps, BITS,
+                           NORM_IN, P_BLOCK, BLOCK_N, BLOCK_K, PRECISION)
         if HAS_BIAS:
-            y += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + rows[:, None] * sym + cols[None, :], y.to(Y.dtype.element_ty), mask=out_ok)
+            acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        y = acc.to(Y.dtype.element_ty)  # rounded as the unfused layer rounds its product
+        if GATED:
+            gate, up = tl.split(tl.reshape(y, (ROWS, BLOCK_N // 2, 2)))
+            gate = gate.to(tl.float32)
+            y = (gate * tl.sigmoid(gate)).to(Y.dtype.element_ty).to(tl.float32) * up.to(tl.float32)
+        if RESIDUAL:
+            y = res.to(tl.float32) + y.to(tl.float32)
+        y = y.to(Y.dtype.element_ty)
+        tl.store(Y + rows[:, None] * sym + out_cols[None, :], y, mask=row_ok[:, None] & (out_cols < N)[None, :])
+        if NORM_OUT:
+            _write_pending_norm(y.to(tl.float32), rows, row_ok, out_cols, out_cols < N, pid_n, NormWeight, Scaled,
+                                sscm, OutSquares, sosq)
+
+    @triton.jit
+    def _qkv_rotary_kernel(X, sxm, W, swn, Scale, Bias, Pos, InvFreq, Q, sqm, T,
+                           K1, V1, L1, sk1b, sk1h, sk1s, sv1b, sv1h, sv1s,
+                           K2, V2, L2, sk2b, sk2h, sk2s, sv2b, sv2h, sv2s, M, N, K, InSquares, sisq, P, eps,
+                           Partial, Counters, groups_each, splits, N_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr,
+                           HEAD_DIM: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, MIRROR: tl.constexpr,
+                           P_BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           SPLIT: tl.constexpr, PRECISION: tl.constexpr, PTX: tl.constexpr):
+        # A program holds BLOCK_N / 2 rotary pairs (i, i + HEAD_DIM / 2) of one head, so it can turn them itself.
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        PAIRS: tl.constexpr = BLOCK_N // 2
+        PER_HEAD: tl.constexpr = HEAD_DIM // BLOCK_N
+        head = pid_n // PER_HEAD
+        i = (pid_n % PER_HEAD) * PAIRS + tl.arange(0, PAIRS)  # frequency index, 0 .. HEAD_DIM / 2
+        j = tl.arange(0, BLOCK_N)
+        cols = head * HEAD_DIM + (pid_n % PER_HEAD) * PAIRS + j // 2 + (j % 2) * (HEAD_DIM // 2)
+        rows = pid_m * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < M
+        b, t = rows // T, rows % T
+        # The epilogue's operands first, so that it does not wait on them (not timed apart). Generated tokens are
+        # text: one position on every M-RoPE axis, so every frequency turns with it.
+        angle = tl.load(Pos + rows, mask=row_ok, other=0).to(tl.float32)[:, None] * tl.load(InvFreq + i)[None, :]
+        cos, sin = tl.cos(angle), tl.sin(angle)
+        slot1 = tl.load(L1 + b, mask=row_ok, other=0) + t  # a new key's or value's slot: the length plus its index
+        slot2 = tl.load(L2 + b, mask=row_ok, other=0) + t
+        if HAS_BIAS:
+            bias = tl.load(Bias + cols).to(tl.float32)
+        if BITS == 4:  # the block's first halves, then its second halves, each thread's side by side; paired after
+            halves = head * HEAD_DIM + (pid_n % PER_HEAD) * PAIRS + j % PAIRS + (j // PAIRS) * (HEAD_DIM // 2)
+            acc = _int4_product(X, sxm, rows, row_ok, W, swn, Scale, halves, halves < N, K, groups_each, InSquares,
+                                sisq, P, eps, True, P_BLOCK, ROWS, BLOCK_N, BLOCK_K, PTX)
+            acc = _interleaved(acc, ROWS, BLOCK_N)
+            if SPLIT:  # only the last program of a tile goes on, with the whole sum
+                acc, last = _split_sum(acc, Partial, Counters, splits, ROWS, BLOCK_N)
+                row_ok = row_ok & last
+        else:
+            acc = _product(X, sxm, rows, row_ok, W, swn, Scale, cols, cols < N, K, InSquares, sisq, P, eps, BITS,
+                           True, P_BLOCK, BLOCK_N, BLOCK_K, PRECISION)
+        if HAS_BIAS:
+            acc += bias[None, :]
+        first, second = tl.split(tl.reshape(acc.to(Q.dtype.element_ty), (ROWS, PAIRS, 2)))
+        first, second = first.to(tl.float32), second.to(tl.float32)
+        if head < N_HEADS + N_KV_HEADS:  # queries and keys turn; values do not
+            first, second = first * cos - second * sin, second * cos + first * sin
+        first, second = first.to(Q.dtype.element_ty), second.to(Q.dtype.element_ty)
+        if head < N_HEADS:
+            out = Q + rows[:, None] * sqm + head * HEAD_DIM + i[None, :]
+            tl.store(out, first, mask=row_ok[:, None])
+            tl.store(out + HEAD_DIM // 2, second, mask=row_ok[:, None])
+        else:  # a key or value head: into the cache (and the mirror)
+            if head < N_HEADS + N_KV_HEADS:
+                _write_head(K1, slot1, sk1b, sk1h, sk1s, b, head - N_HEADS, i, first, second, row_ok, HEAD_DIM)
+                if MIRROR:
+                    _write_head(K2, slot2, sk2b, sk2h, sk2s, b, head - N_HEADS, i, first, second, row_ok, HEAD_DIM)
+            else:
+                h = head - N_HEADS - N_KV_HEADS
+                _write_head(V1, slot1, sv1b, sv1h, sv1s, b, h, i, first, second, row_ok, HEAD_DIM)
+                if MIRROR:
+                    _write_head(V2, slot2, sv2b, sv2h, sv2s, b, h, i, first, second, row_ok, HEAD_DIM)
+
+    @triton.jit
+    def _write_head(Cache, slot, scb, sch, scs, b, h, i, first, second, row_ok, HEAD_DIM: tl.constexpr):
+        # The rotary pairs (i, i + HEAD_DIM / 2) of the rows of sequences b, into head h at their slots.
+        out = Cache + b[:, None] * scb + h * sch + slot[:, None] * scs + i[None, :]
+        tl.store(out, first, mask=row_ok[:, None])
+        tl.store(out + HEAD_DIM // 2, second, mask=row_ok[:, None])
 
 
-def int4_linear(x: torch.Tensor, w: Weights) -> torch.Tensor:
-    """x [..., K] bfloat16 -> [..., N]: x @ w^T (+ bias) for int4 weights (bits 4, see Weights), one launch.
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")  # as Triton reads it
 
-    A matrix with few columns is cut along K so that it has about INT4_PROGRAMS programs; the last program of a tile
-    adds the pieces, counted on `w.counters`, so a module's products must run one at a time (one stream). Each row of
-    x must start at a 16-byte-aligned address, as the rows of a fresh tensor do. Settings swept on an H200 over
-    Qwen2-VL-2B's and 7B's decoder matrices."""
+
+def _weight_operands(w: Weights, x: torch.Tensor, K: int):
+    if K % 16:
+        raise ValueError(f"the decode kernels need in_features a multiple of 16, got {K}")
+    if w.bits == 4 and x.dtype not in (torch.bfloat16, torch.float32):
+        raise TypeError(f"int4 products take bfloat16 or float32 activations, got {x.dtype}")
+    return w.data, w.data.stride(0), w.scale if w.scale is not None else w.data
+
+
+def _blocks(w: Weights, K: int, M: int) -> dict:
+    """Tile sizes and launch settings for a weight. For 16 and 8 bits they depend on the weight alone, never on the
+    rows (batch invariance).
+
+    Swept on an H200 over the decoder matrices of Qwen2-VL-2B, 7B and a 72B tensor-parallel rank. A matrix with
+    few output rows gets narrow column blocks, so that there are programs for every multiprocessor; a long row
+    gets a deeper pipeline of loads. int4 (swept over 2B's and 7B's): up to 8 rows a program, each word
+    dequantized once for them; one row reads best in wide column blocks, more rows in narrow ones."""
+    N = w.out_features
+    if w.bits == 4:
+        rows = min(triton.next_power_of_2(M), INT4_ROWS)
+        return dict(ROWS=rows, BLOCK_N=64 if rows == 1 else 32, BLOCK_K=K // w.scale.shape[0], BITS=4,
+                    num_warps=2 if rows == 1 else 4)
+    if w.bits == 8:  # int8 keeps its own settings: the 16-bit rule measured slower for it (BENCHMARKS.md, section 8)
+        return dict(ROWS=ROW_TILE, BLOCK_N=64 if N >= 16384 else 32, BLOCK_K=_block_k(K, 256), BITS=8, num_warps=4,
+                    num_stages=4)
+    wide = N >= 16384
+    block_k = _block_k(K, 128 if wide else 256)
+    return dict(ROWS=ROW_TILE, BLOCK_N=(64 if K > 4096 else 32) if wide else 16, BLOCK_K=block_k, BITS=w.bits,
+                num_warps=2, num_stages=6 if K // block_k > 32 else 4)
+
+
+def _split_k(w: Weights, K: int, blocks: dict, grid: tuple, device) -> tuple[tuple, dict]:
+    """The launch grid with its pieces of K, and the kernel's split arguments. int4 products with fewer tiles than
+    INT4_PROGRAMS / 2 are cut along K (a piece a whole number of groups); other products are not split."""
+    tiles = grid[0] * grid[1]
+    groups = K // blocks["BLOCK_K"]
+    splits = max(1, min(groups, INT4_PROGRAMS // tiles)) if w.bits == 4 else 1
+    groups_each = triton.cdiv(groups, splits)
+    splits = triton.cdiv(groups, groups_each)
+    partial = (torch.empty(splits * tiles * blocks["ROWS"] * blocks["BLOCK_N"], device=device, dtype=torch.float32)
+               if splits > 1 else w.data)  # only splits > 1 use these two, with at most INT4_PROGRAMS / 2 tiles
+    counters = w.counters if splits > 1 else w.data
+    return (*grid, splits), dict(Partial=partial, Counters=counters, groups_each=groups_each, splits=splits,
+                                 SPLIT=splits > 1, PTX=not _interpreting())
+
+
+def _block_k(K: int, largest: int) -> int:
+    return next(b for b in (256, 128, 64, 32, 16) if b <= largest and K % b == 0)
+
+
+def _precision(x: torch.Tensor) -> str:
+    return "ieee" if x.dtype == torch.float32 else "tf32"  # float32 exactly; tf32 is ignored for 16-bit inputs
+
+
+def pending_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> PendingNorm:
+    """x [..., K] pending RMSNorm(weight, eps), for a product to finish; one program a row."""
     needs_triton(x)
-    if x.dtype != torch.bfloat16:
-        raise TypeError(f"the int4 kernel takes bfloat16 activations, got {x.dtype}")
-    flat = x.reshape(-1, x.shape[-1]).contiguous()  # rows read 16 bytes at a time: K is a multiple of 32
-    (M, K), N = flat.shape, w.data.shape[1]
-    group = K // w.scale.shape[0]
-    rows = min(triton.next_power_of_2(M), INT4_ROWS)
-    block_n, warps = (64, 2) if rows == 1 else (32, 4)
-    tiles = triton.cdiv(M, rows) * triton.cdiv(N, block_n)
-    groups = K // group
-    groups_each = triton.cdiv(groups, max(1, min(groups, INT4_PROGRAMS // tiles)))
-    splits = triton.cdiv(groups, groups_each)  # > 1 only with fewer tiles than INT4_PROGRAMS // 2: counters enough
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    scaled = torch.empty_like(flat)
+    squares = torch.empty(flat.shape[0], 1, device=x.device, dtype=torch.float32)
+    K = flat.shape[1]
+    _pending_norm_kernel[(flat.shape[0],)](flat, flat.stride(0), weight, scaled, scaled.stride(0), squares,
+                                           squares.stride(0), K=K, BLOCK=triton.next_power_of_2(K), num_warps=8)
+    return PendingNorm(x, scaled.view(x.shape), squares, eps)
+
+
+def _finish_norm(x: PendingNorm) -> dict:
+    """The arguments with which a product finishes x's norm."""
+    P = x.squares.shape[1]
+    return dict(InSquares=x.squares, sisq=x.squares.stride(0), P=P, eps=x.eps, P_BLOCK=triton.next_power_of_2(P))
+
+
+def linear(x: torch.Tensor | PendingNorm, w: Weights, residual: torch.Tensor | None = None, gated: bool = False,
+           then_norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor | PendingNorm:
+    """x [..., K] -> [..., N]: x @ w^T, plus bias and `residual`. A PendingNorm x is normalized first.
+
+    gated: w holds gate then up (N = 2 I rows) and the result is SiLU(x @ gate^T) * (x @ up^T), [..., I].
+    then_norm (weight, eps): the result comes pending that RMSNorm (a PendingNorm), for the next product.
+    """
+    pending = x if isinstance(x, PendingNorm) else None
+    x = pending.scaled if pending else x
+    needs_triton(x)
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    (M, K), rows_out = flat.shape, w.out_features
+    N = rows_out // 2 if gated else rows_out
+    data, swn, scale = _weight_operands(w, x, K)
+    blocks = _blocks(w, K, M)
+    norm_in = _finish_norm(pending) if pending else dict(InSquares=x, sisq=0, P=1, eps=0.0, P_BLOCK=1)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    partial = torch.empty(splits, M, N, device=x.device, dtype=torch.float32) if splits > 1 else y
-    _int4_kernel[(triton.cdiv(M, rows), triton.cdiv(N, block_n), splits)](
-        flat, flat.stride(0), w.data, w.scale, w.bias if w.bias is not None else flat, y, y.stride(0), partial,
-        w.counters, M, N, K, groups_each, splits, HAS_BIAS=w.bias is not None, ROWS=rows, BLOCK_N=block_n,
-        GROUP=group, SPLIT=splits > 1, PTX=not _interpreting(), num_warps=warps,
+    res = residual.reshape(M, N) if residual is not None else y
+    grid = (triton.cdiv(M, blocks["ROWS"]), triton.cdiv(N, blocks["BLOCK_N"] // 2 if gated else blocks["BLOCK_N"]))
+    if then_norm is not None:
+        scaled = torch.empty_like(y)
+        squares = torch.empty(M, grid[1], device=x.device, dtype=torch.float32)  # a piece per column block
+        norm_out = dict(NormWeight=then_norm[0], Scaled=scaled, sscm=scaled.stride(0), OutSquares=squares,
+                        sosq=squares.stride(0))
+    else:
+        norm_out = dict(NormWeight=y, Scaled=y, sscm=0, OutSquares=y, sosq=0)
+    launch, split = _split_k(w, K, blocks, grid, x.device)
+    _linear_kernel[launch](
+        flat, flat.stride(0), data, swn, scale, w.bias if w.bias is not None else flat, res, res.stride(0), y,
+        y.stride(0), M, N, K, HAS_BIAS=w.bias is not None, RESIDUAL=residual is not None, GATED=gated,
+        NORM_IN=pending is not None, NORM_OUT=then_norm is not None, PRECISION=_precision(x), **norm_in, **norm_out,
+        **split, **blocks,
     )
-    return y.view(*x.shape[:-1], N)
+    y = y.view(*x.shape[:-1], N)
+    if then_norm is None:
+        return y
+    return PendingNorm(y, scaled.view(y.shape), squares, then_norm[1])
+
+
+def gated_linear(x: torch.Tensor | PendingNorm, w: Weights) -> torch.Tensor:
+    return linear(x, w, gated=True)
+
+
+def qkv_rotary(x: PendingNorm, w: Weights, pos: torch.Tensor, inv_freq: torch.Tensor, n_heads: int,
+               n_kv_heads: int, cache, mirror=None) -> torch.Tensor:
+    """x [B, T, dim], pending its RMSNorm -> queries [B, T, n_heads * D], rotated; the tokens' rotated keys and
+    values are written to `cache` (.k, .v [B, Hkv, S, D], .lengths [B]) at slots lengths[b] + t, and to `mirror` at
+    its own lengths.
+
+    pos [B, T]: each token's position, the same on every M-RoPE axis (generated tokens are text).
+    """
+    needs_triton(x.x)
+    B, T, K = x.x.shape
+    D = cache.k.shape[-1]
+    if D < 16 or D & (D - 1):
+        raise NotImplementedError(f"the decode kernels need a power-of-two head_dim of at least 16, got {D}")
+    flat = x.scaled.reshape(B * T, K).contiguous()
+    N = (n_heads + 2 * n_kv_heads) * D
+    data, swn, scale = _weight_operands(w, flat, K)
+    blocks = _blocks(w, K, B * T)
+    blocks["BLOCK_N"] = min(blocks["BLOCK_N"], D)
+    q = torch.empty(B * T, n_heads * D, device=flat.device, dtype=flat.dtype)
+    other = mirror if mirror is not None else cache
+    launch, split = _split_k(w, K, blocks, (triton.cdiv(B * T, blocks["ROWS"]), N // blocks["BLOCK_N"]), flat.device)
+    _qkv_rotary_kernel[launch](
+        flat, flat.stride(0), data, swn, scale, w.bias if w.bias is not None else flat,
+        pos.reshape(-1).contiguous(), inv_freq, q, q.stride(0), T,
+        cache.k, cache.v, cache.lengths, *cache.k.stride()[:3], *cache.v.stride()[:3],
+        other.k, other.v, other.lengths, *other.k.stride()[:3], *other.v.stride()[:3], B * T, N,
+        K, N_HEADS=n_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=D, HAS_BIAS=w.bias is not None,
+        MIRROR=mirror is not None, PRECISION=_precision(flat), **_finish_norm(x), **split, **blocks,
+    )
+    return q.view(B, T, n_heads * D)
 
 
 # ---------------------------------------------------------------------------------------------- attention

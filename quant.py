@@ -41,8 +41,8 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """Weight-only int4: per group of 128 (or 64, 32) input columns, w ~ (q - 8) * scale + zero with q in 0..15.
 
-    Stored for `kernels.int4_linear`, which a GPU runs: eight q a 32-bit word, the words of each eight inputs of an
-    output column [K / 8, N]; scale and zero as one bfloat16 pair in an int32 [K / group, N]. On the CPU the
+    Stored for kernels.py's int4 products, which a GPU runs: eight q a 32-bit word, the words of each eight inputs of
+    an output column [K / 8, N]; scale and zero as one bfloat16 pair in an int32 [K / group, N]. On the CPU the
     weight is dequantized, so a draft can run in any dtype, float64 included. Both hold the same quantized values.
     """
     bits = 4
@@ -92,7 +92,7 @@ class Int4Linear(nn.Module):
         if x.device != self.packed.device:
             raise RuntimeError(f"int4 weights on {self.packed.device} cannot multiply an input on {x.device}")
         if x.is_cuda:
-            return kernels.int4_linear(x.to(torch.bfloat16), self.decode_weights()).to(x.dtype)
+            return kernels.linear(x, self.decode_weights())
         return F.linear(x, self.dequantized(x.dtype), self.bias)
 
 

@@ -860,19 +860,17 @@ def test_int4_weights_follow_the_convention_of_pytorchs_int4_kernels():
 
 @pytest.mark.parametrize("rows,n,k", [(1, 96, 256), (5, 200, 384), (9, 64, 96), (1, 40, 4096)])
 def test_int4_kernel_multiplies_by_the_dequantized_weights(rows, n, k, monkeypatch):
-    """kernels.int4_linear: one row tile or several, K whole or split (the last, with few columns), a partial column
-    block; the split counters are left at zero for the next launch. On a GPU also against tinygemm, fed the same q,
-    and against its plain-Triton twin, which is what the CPU's interpreter runs in its place."""
+    """kernels.linear with int4 weights: one row tile or several, K whole or split (the last, with few columns), a
+    partial column block; the split counters are left at zero for the next launch. On a GPU also against tinygemm,
+    fed the same q, and against its plain-Triton twin, which is what the CPU's interpreter runs in its place."""
     device = gpu_or_interpreter()
     torch.manual_seed(rows)
     quantized = quant.Int4Linear(torch.nn.Linear(k, n).bfloat16()).to(device)
     x = torch.randn(rows, k, device=device).bfloat16()
-    out = kernels.int4_linear(x, quantized.decode_weights()).float()
+    out = kernels.linear(x, quantized.decode_weights()).float()
     reference = torch.nn.functional.linear(x.float(), quantized.dequantized(torch.float32), quantized.bias.float())
     assert (out - reference).abs().max() < 1e-2 * reference.abs().max()  # bfloat16 weights, pair sums and output
     assert not quantized.counters.any()
-    with pytest.raises(ValueError, match="int4 weights have a product of their own"):
-        kernels.linear(x, quantized.decode_weights())  # the fused layers' product reads 16 and 8 bits only
     if device == "cuda":
         q = quantized.values()
         tinygemm_q = torch.ops.aten._convert_weight_to_int4pack(
@@ -881,7 +879,7 @@ def test_int4_kernel_multiplies_by_the_dequantized_weights(rows, n, k, monkeypat
         tinygemm = tinygemm.float() + quantized.bias.float()
         assert (out - tinygemm).abs().max() < 1e-2 * reference.abs().max()
         monkeypatch.setattr(kernels, "_interpreting", lambda: True)
-        twin = kernels.int4_linear(x, quantized.decode_weights()).float()
+        twin = kernels.linear(x, quantized.decode_weights()).float()
         # The twin rounds a pair sum twice where an fma rounds once: an output a bfloat16 step apart, at most.
         assert ((twin - out).abs() <= 2 ** -7 * out.abs() + 1e-3 * out.abs().max()).all()
 
@@ -1005,15 +1003,29 @@ def filled_caches(model, lengths, capacity, seed=1):
     return cache
 
 
-@pytest.mark.parametrize("bits", [16, 8])
+def dequantized_int4(model):
+    """`model` with every Int4Linear replaced by the nn.Linear of its dequantized weights, in float32."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, quant.Int4Linear):
+                linear = torch.nn.Linear(1, 1, device=child.packed.device)
+                linear.weight = torch.nn.Parameter(child.dequantized(torch.float32))
+                linear.bias = None if child.bias is None else torch.nn.Parameter(child.bias.float())
+                setattr(module, name, linear)
+    return model
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
 def test_fused_layers_match_the_plain_step_and_write_both_caches(bits):
     """Norms, rotary embedding, the cache and mirror writes, residuals and the gate, in the kernels' epilogues: as
-    close to float32 arithmetic as the plain step is in the same dtype."""
+    close to float32 arithmetic as the plain step is in the same dtype. int4 products round weights and pair sums to
+    bfloat16 in every dtype (the product alone: test_int4_kernel_multiplies_by_the_dequantized_weights), and two
+    layers of these random weights amplify that to a few percent of the largest logit."""
     device = gpu_or_interpreter()
     for dtype in kernel_dtypes():
         model = kernel_model(dtype, device)
         model = model if bits == 16 else quant.quantized_copy(model, bits)
-        exact = copy.deepcopy(model).float()  # the same (rounded, quantized) weights in float32
+        exact = dequantized_int4(copy.deepcopy(model).float())  # the same (rounded, quantized) weights in float32
         tokens = torch.randint(0, VOCAB, (2, 5), device=device)
         pos = torch.tensor([[900], [5]], device=device) + torch.arange(5, device=device)
         runs = {}
@@ -1029,7 +1041,7 @@ def test_fused_layers_match_the_plain_step_and_write_both_caches(bits):
         for exact_t, plain_t, fused_t in zip(*runs.values()):
             scale = exact_t.abs().max()
             plain_error = (plain_t - exact_t).abs().max()
-            assert (fused_t - exact_t).abs().max() <= 2 * plain_error + 1e-5 * scale
+            assert (fused_t - exact_t).abs().max() <= 2 * plain_error + (5e-2 if bits == 4 else 1e-5) * scale
 
 
 @pytest.mark.parametrize("bits", [16, 8])
