@@ -871,6 +871,8 @@ def test_int4_kernel_multiplies_by_the_dequantized_weights(rows, n, k, monkeypat
     reference = torch.nn.functional.linear(x.float(), quantized.dequantized(torch.float32), quantized.bias.float())
     assert (out - reference).abs().max() < 1e-2 * reference.abs().max()  # bfloat16 weights, pair sums and output
     assert not quantized.counters.any()
+    with pytest.raises(TypeError, match="int4 products take bfloat16 or float32"):
+        kernels.linear(x.half(), quantized.decode_weights())
     if device == "cuda":
         q = quantized.values()
         tinygemm_q = torch.ops.aten._convert_weight_to_int4pack(
