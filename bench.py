@@ -1030,8 +1030,9 @@ def kernels_mode(args, model, device):
     bf16_bytes = sum(m.weight.nbytes for m in linears)
     int8_bytes = sum(q.weight.nbytes + q.scale.nbytes for q in int8)
     int4_bytes = sum(q.packed.nbytes + q.scale_and_zero.nbytes for q in int4)
-    tinygemm = [torch.ops.aten._convert_weight_to_int4pack(
-        (v[:, ::2] << 4 | v[:, 1::2]).to(torch.uint8).contiguous(), 8)
+    k_tiles = lambda K: next(t for t in (8, 4, 2) if K % (16 * t) == 0)  # tinygemm's inner K tiles must divide K
+    tinygemm = [torch.ops.aten._convert_weight_to_int4pack((v[:, ::2] << 4 | v[:, 1::2]).to(torch.uint8).contiguous(),
+                                                           k_tiles(v.shape[1]))
                 for v in (q.values() for q in int4)]  # the same q in tinygemm's layout
     ours = lambda modules: (lambda x: [kernels.linear(x[m.in_features], kernels.weights_of(w))
                                        for m, w in zip(linears, modules)])
