@@ -1400,7 +1400,8 @@ def test_bench_kernels_mode_times_every_kernel_on_a_gpu_and_refuses_without_one(
         return
     assert run.returncode == 0, run.stderr
     rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
-    assert set(rows) == {"1"} and all(len(kernels) == 6 for kernels in rows.values())
+    assert set(rows) == {"1"} and len(rows["1"]) == 7 and all(k["ms"] > 0 for k in rows["1"].values())
+    assert {f"{bits}, ours (kernels.linear)" for bits in ("bf16", "int8", "int4")} <= set(rows["1"])
 
 
 def test_bench_documents_mode_is_lossless_and_projects_from_step_times(tmp_path):
