@@ -95,11 +95,10 @@ INT4_ROWS = 8  # rows a program at most: each word is dequantized once for all o
 if triton is not None:
 
     @triton.jit
-    def _int4_scales(at):
+    def _int4_scales(pair):
         # [scale, zero] (two bfloat16 in an int32) -> (scale, scale), (zero, zero), each a bf16x2 register.
-        return tl.inline_asm_elementwise(
-            "{ .reg .b32 a; ld.global.nc.b32 a, [$2]; prmt.b32 $0, a, a, 0x1010; prmt.b32 $1, a, a, 0x3232; }",
-            "=r,=r,l", [at], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        return tl.inline_asm_elementwise("prmt.b32 $0, $2, $2, 0x1010; prmt.b32 $1, $2, $2, 0x3232;", "=r,=r,r",
+                                         [pair], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
 
     @triton.jit
     def _int4_inputs(at):
@@ -207,20 +206,21 @@ if triton is not None:
         end = tl.minimum(first + groups_each, K // GROUP)
         at = W + kw[None, :, None] * swn + cols[None, None, :]  # [1, WORDS, BLOCK_N]: every layout from this load
         words = tl.load(at + first * WORDS * swn, mask=col_ok[None, None, :], other=0)
+        pairs = tl.load(SZ + first * swn + cols, mask=col_ok, other=0)  # [scale, zero] bfloat16 in an int32
         x_row = X + tl.where(row_ok, rows, 0) * sxm
         for g in range(first, end):
-            current = words
-            if g + 1 < end:  # the next group's words in flight while this one's are used
+            current, current_pairs = words, pairs
+            if g + 1 < end:  # the next group's words and scales in flight while this one's are used
                 words = tl.load(at + (g + 1) * WORDS * swn, mask=col_ok[None, None, :], other=0)
+                pairs = tl.load(SZ + (g + 1) * swn + cols, mask=col_ok, other=0)
             if PTX:
-                scales, zeros = _int4_scales(SZ + g * swn + tl.where(col_ok, cols, 0))
+                scales, zeros = _int4_scales(current_pairs)
                 w0, w1, w2, w3 = _int4_dequantize(current, scales[None, None, :], zeros[None, None, :])
                 x0, x1, x2, x3 = _int4_inputs_of(x_row[:, None] + (g * GROUP + kw * 8)[None, :])
                 acc += _int4_dot(w0, w1, w2, w3, x0[:, :, None], x1[:, :, None], x2[:, :, None], x3[:, :, None])
             else:
-                halves = SZ.to(tl.pointer_type(tl.bfloat16)) + (g * swn + cols) * 2
-                scale = tl.load(halves, mask=col_ok, other=0.0).to(tl.float32)
-                zero = tl.load(halves + 1, mask=col_ok, other=0.0).to(tl.float32)
+                scale = (current_pairs << 16).to(tl.float32, bitcast=True)
+                zero = (current_pairs & -65536).to(tl.float32, bitcast=True)
                 acc += _int4_dot_plain(current, scale[None, None, :], zero[None, None, :],
                                        x_row[:, None, None] + (g * GROUP + kw * 8)[None, :, None])
         acc = tl.sum(acc, 1)
