@@ -101,12 +101,6 @@ if triton is not None:
                                          [pair], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
 
     @triton.jit
-    def _int4_inputs(at):
-        # Eight bfloat16 inputs as four bf16x2 registers, one 16-byte load.
-        return tl.inline_asm_elementwise("ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [at],
-                                         dtype=(tl.int32,) * 4, is_pure=True, pack=1)
-
-    @triton.jit
     def _int4_dequantize(word, scales, zeros):
         # A word's pair i is (q[2i], q[2i + 1]) at bits (4i, 16 + 4i): masked and OR-ed into the mantissas of
         # 128.0 it is the bf16x2 (128 + q[2i], 128 + q[2i + 1]) with one instruction, then (that - 136) * scale + zero
@@ -176,7 +170,7 @@ if triton is not None:
         return lo + hi
 
     @triton.jit
-    def _int4_inputs_of(at):
+    def _int4_inputs(at):
         # The eight inputs of a word, as four bf16x2 registers: bfloat16 ones with one 16-byte load, float32 ones
         # rounded to bfloat16 pairwise.
         if at.dtype.element_ty == tl.float32:
@@ -190,7 +184,8 @@ if triton is not None:
                 cvt.rn.bf16x2.f32 $2, a5, a4;
                 cvt.rn.bf16x2.f32 $3, a7, a6;
                 }""", "=r,=r,=r,=r,l", [at], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
-        return _int4_inputs(at)
+        return tl.inline_asm_elementwise("ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [at],
+                                         dtype=(tl.int32,) * 4, is_pure=True, pack=1)
 
     @triton.jit
     def _int4_product(X, sxm, rows, row_ok, W, swn, SZ, cols, col_ok, K, groups_each, InSquares, sisq, P, eps,
@@ -216,7 +211,7 @@ if triton is not None:
             if PTX:
                 scales, zeros = _int4_scales(current_pairs)
                 w0, w1, w2, w3 = _int4_dequantize(current, scales[None, None, :], zeros[None, None, :])
-                x0, x1, x2, x3 = _int4_inputs_of(x_row[:, None] + (g * GROUP + kw * 8)[None, :])
+                x0, x1, x2, x3 = _int4_inputs(x_row[:, None] + (g * GROUP + kw * 8)[None, :])
                 acc += _int4_dot(w0, w1, w2, w3, x0[:, :, None], x1[:, :, None], x2[:, :, None], x3[:, :, None])
             else:
                 scale = (current_pairs << 16).to(tl.float32, bitcast=True)
