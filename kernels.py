@@ -116,8 +116,13 @@ if triton is not None:
 
     @triton.jit
     def _int4_group_words(at, WORDS: tl.constexpr):
-        # A thread's words of one group, 16 bytes at a time (64-input groups: the last four repeat the first four).
-        w0, w1, w2, w3 = _load_b32x4(at)
+        # A thread's WORDS words of one group, 16 bytes at a time; eight returned, the ones past WORDS repeats.
+        if WORDS == 2:
+            w0, w1 = tl.inline_asm_elementwise("ld.global.nc.v2.b32 {$0, $1}, [$2];", "=r,=r,l", [at],
+                                               dtype=(tl.int32,) * 2, is_pure=True, pack=1)
+            w2, w3 = w0, w1
+        else:
+            w0, w1, w2, w3 = _load_b32x4(at)
         if WORDS == 8:
             w4, w5, w6, w7 = _load_b32x4(at + 4)
         else:
@@ -164,12 +169,12 @@ if triton is not None:
         return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _int4_mma_plain(tile_words, slice, x0_at, x1_at, g, WORDS: tl.constexpr, c0, c1, c2, c3, s0, s1):
+    def _int4_mma_plain(tile_words, part, x0_at, x1_at, g, WORDS: tl.constexpr, c0, c1, c2, c3, s0, s1):
         # What _int4_mma computes in thread (g, t), in plain Triton for its interpreter (which runs no PTX): the sums
-        # over a 32-input slice for its columns g and g + 8 and its rows 2t and 2t + 1 (x0_at, x1_at), each q read
-        # from the thread that holds it. tile_words: a group's words of the thread's tile.
+        # over the group's 32-input slice `part` for its columns g and g + 8 and its rows 2t and 2t + 1 (x0_at,
+        # x1_at at the slice), each q read from the thread that holds it. tile_words: the group's words of the tile.
         k = tl.arange(0, 32)[None, :]  # the slice's input 8 t' + 4 s + 2 r + h
-        word = tl.load(tile_words[:, None] + (4 * g[:, None] + k // 8) * WORDS + 2 * slice + (k // 4) % 2)
+        word = tl.load(tile_words[:, None] + (4 * g[:, None] + k // 8) * WORDS + 2 * part + (k // 4) % 2)
         shift = 8 * ((k // 2) % 2) + 16 * (k % 2)
         lo = (128 + ((word >> shift) & 15)).to(tl.float32)  # columns g
         hi = (128 + ((word >> (shift + 4)) & 15)).to(tl.float32)  # columns g + 8
@@ -185,8 +190,9 @@ if triton is not None:
         c1, c2, c3, s0, s1 = c0, c0, c0, c0, c0
         x0, x1, x2, x3 = _load_b32x4(x_at)
         c0, c1, c2, c3, s0, s1 = _int4_mma(w0, w1, x0, x1, x2, x3, c0, c1, c2, c3, s0, s1)
-        x0, x1, x2, x3 = _load_b32x4(x_at + 32)
-        c0, c1, c2, c3, s0, s1 = _int4_mma(w2, w3, x0, x1, x2, x3, c0, c1, c2, c3, s0, s1)
+        if WORDS >= 4:
+            x0, x1, x2, x3 = _load_b32x4(x_at + 32)
+            c0, c1, c2, c3, s0, s1 = _int4_mma(w2, w3, x0, x1, x2, x3, c0, c1, c2, c3, s0, s1)
         if WORDS == 8:
             x0, x1, x2, x3 = _load_b32x4(x_at + 64)
             c0, c1, c2, c3, s0, s1 = _int4_mma(w4, w5, x0, x1, x2, x3, c0, c1, c2, c3, s0, s1)
@@ -196,10 +202,11 @@ if triton is not None:
 
     @triton.jit
     def _int4_group_sums_plain(tile_words, x0_at, x1_at, g, WORDS: tl.constexpr):
+        # The same, in plain Triton for its interpreter.
         c0 = tl.zeros(g.shape, tl.float32)
         c1, c2, c3, s0, s1 = c0, c0, c0, c0, c0
-        for slice in tl.static_range(WORDS // 2):
-            c0, c1, c2, c3, s0, s1 = _int4_mma_plain(tile_words, slice, x0_at + 32 * slice, x1_at + 32 * slice, g,
+        for part in tl.static_range(WORDS // 2):
+            c0, c1, c2, c3, s0, s1 = _int4_mma_plain(tile_words, part, x0_at + 32 * part, x1_at + 32 * part, g,
                                                      WORDS, c0, c1, c2, c3, s0, s1)
         return c0, c1, c2, c3, s0, s1
 
@@ -302,8 +309,9 @@ if triton is not None:
 
     @triton.jit
     def _interleaved(acc, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-        # [ROWS, BLOCK_N] as (a0 .. a(n-1), b0 .. b(n-1)) -> (a0, b0, a1, b1, ...): the int4 product loads a thread's
-        # columns side by side (one 16-byte load; paired columns would be four loads), the epilogues take pairs.
+        # [ROWS, BLOCK_N] as (a0 .. a(n-1), b0 .. b(n-1)) -> (a0, b0, a1, b1, ...): a warp of the int4 product takes
+        # 16 neighbouring columns of the weight (a tile of its layout), so its block comes as gate columns then up
+        # columns (first halves then second halves of rotary pairs); the epilogues take pairs.
         return tl.reshape(tl.permute(tl.reshape(acc, (ROWS, 2, BLOCK_N // 2)), (0, 2, 1)), (ROWS, BLOCK_N))
 
     @triton.jit

@@ -39,7 +39,7 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """Weight-only int4: per group of 128 (or 64) input columns, w ~ (q - 8) * scale + zero with q in 0..15.
+    """Weight-only int4: per group of 128 (or 64, 32) input columns, w ~ (q - 8) * scale + zero with q in 0..15.
 
     Stored for kernels.py's int4 products, which a GPU runs on its tensor cores: `packed` [N / 16, K / group, 32,
     group / 16] int32, eight q a word, each word one thread's share of a 16 x 16 weight tile in the `mma` instruction's
@@ -51,9 +51,9 @@ class Int4Linear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         N, K = linear.weight.shape
-        self.group = next((g for g in (128, 64) if K % g == 0), None)
+        self.group = next((g for g in (128, 64, 32) if K % g == 0), None)
         if self.group is None or N % 16:
-            raise ValueError(f"int4 needs in_features a multiple of 64 (its groups) and out_features of 16 (its tiles), "
+            raise ValueError(f"int4 needs in_features a multiple of 32 (its groups) and out_features of 16 (its tiles), "
                              f"got {K} and {N}")
         w = linear.weight.float().view(N, K // self.group, self.group)
         lowest, highest = w.amin(dim=-1), w.amax(dim=-1)
