@@ -148,8 +148,10 @@ if triton is not None:
             lop3.b32 a2, b, mask, magic, 0xea;
             shr.u32 b, $12, 12;
             lop3.b32 a3, b, mask, magic, 0xea;
-            mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {a0, a1, a2, a3}, {$14, $15}, {$6, $7, $8, $9};
-            mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$4, $5, d0, d1}, {one, one, one, one}, {$14, $15}, {$10, $11, $10, $11};
+            mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32
+                {$0, $1, $2, $3}, {a0, a1, a2, a3}, {$14, $15}, {$6, $7, $8, $9};
+            mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32
+                {$4, $5, d0, d1}, {one, one, one, one}, {$14, $15}, {$10, $11, $10, $11};
             lop3.b32 a0, $13, mask, magic, 0xea;
             shr.u32 b, $13, 4;
             lop3.b32 a1, b, mask, magic, 0xea;
@@ -157,8 +159,10 @@ if triton is not None:
             lop3.b32 a2, b, mask, magic, 0xea;
             shr.u32 b, $13, 12;
             lop3.b32 a3, b, mask, magic, 0xea;
-            mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {a0, a1, a2, a3}, {$16, $17}, {$0, $1, $2, $3};
-            mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$4, $5, d0, d1}, {one, one, one, one}, {$16, $17}, {$4, $5, d0, d1};
+            mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32
+                {$0, $1, $2, $3}, {a0, a1, a2, a3}, {$16, $17}, {$0, $1, $2, $3};
+            mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32
+                {$4, $5, d0, d1}, {one, one, one, one}, {$16, $17}, {$4, $5, d0, d1};
             }""", "=f,=f,=f,=f,=f,=f,f,f,f,f,f,f,r,r,r,r,r,r", [c0, c1, c2, c3, s0, s1, w0, w1, x0, x1, x2, x3],
             dtype=(tl.float32,) * 6, is_pure=True, pack=1)
 

@@ -53,8 +53,8 @@ class Int4Linear(nn.Module):
         N, K = linear.weight.shape
         self.group = next((g for g in (128, 64, 32) if K % g == 0), None)
         if self.group is None or N % 16:
-            raise ValueError(f"int4 needs in_features a multiple of 32 (its groups) and out_features of 16 (its tiles), "
-                             f"got {K} and {N}")
+            raise ValueError(f"int4 needs in_features a multiple of 32 (its groups) and out_features of 16 "
+                             f"(its tiles), got {K} and {N}")
         w = linear.weight.float().view(N, K // self.group, self.group)
         lowest, highest = w.amin(dim=-1), w.amax(dim=-1)
         scale = ((highest - lowest) / 15).clamp(min=1e-8)
