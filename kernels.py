@@ -655,9 +655,7 @@ def qkv_rotary(x: PendingNorm, w: Weights, pos: torch.Tensor, inv_freq: torch.Te
     data, swn, scale = _weight_operands(w, flat, K)
     blocks = _blocks(w, K, B * T)
     blocks["BLOCK_N"] = min(blocks["BLOCK_N"], D)
-    if w.bits == 4:  # a warp's 16 columns lie within one half of a head, or are a whole head of 16
-        if D > 16 and D % 32:
-            raise NotImplementedError(f"int4 q/k/v products need a head_dim of 16 or a multiple of 32, got {D}")
+    if w.bits == 4:  # 16 columns a warp: within one half of a head, or a whole head of 16
         blocks["num_warps"] = blocks["BLOCK_N"] // 16
     q = torch.empty(B * T, n_heads * D, device=flat.device, dtype=flat.dtype)
     other = mirror if mirror is not None else cache

@@ -100,6 +100,7 @@ class Int4Linear(nn.Module):
 # a warp's words for a group are one contiguous piece.
 _PACKED_DIMS = "tile hi g group c t s r h"  # q [N, K] viewed so
 _PACKED_ORDER = "tile group g t c s r hi h"  # packed's order; the last three make a word's bits
+_WORD_BITS = [4 * (2 * r + hi) + 16 * h for r in range(2) for hi in range(2) for h in range(2)]
 
 
 def _pack(q: torch.Tensor, group: int) -> torch.Tensor:
@@ -108,8 +109,7 @@ def _pack(q: torch.Tensor, group: int) -> torch.Tensor:
     sizes = dict(tile=N // 16, hi=2, g=8, group=K // group, c=group // 32, t=4, s=2, r=2, h=2)
     dims, order = _PACKED_DIMS.split(), _PACKED_ORDER.split()
     q = q.view(*(sizes[d] for d in dims)).permute(*(dims.index(d) for d in order)).flatten(-3)  # bits r, hi, h
-    shifts = torch.tensor([4 * (2 * r + hi) + 16 * h for r in range(2) for hi in range(2) for h in range(2)],
-                          dtype=torch.int32, device=q.device)
+    shifts = torch.tensor(_WORD_BITS, dtype=torch.int32, device=q.device)
     return (q << shifts).sum(-1, dtype=torch.int32).reshape(N // 16, K // group, 32, group // 16).contiguous()
 
 
@@ -118,8 +118,7 @@ def _unpack(packed: torch.Tensor) -> torch.Tensor:
     tiles, groups, _, steps = packed.shape
     sizes = dict(tile=tiles, hi=2, g=8, group=groups, c=steps // 2, t=4, s=2, r=2, h=2)
     dims, order = _PACKED_DIMS.split(), _PACKED_ORDER.split()
-    shifts = torch.tensor([4 * (2 * r + hi) + 16 * h for r in range(2) for hi in range(2) for h in range(2)],
-                          dtype=torch.int32, device=packed.device)
+    shifts = torch.tensor(_WORD_BITS, dtype=torch.int32, device=packed.device)
     q = (packed.view(*(sizes[d] for d in order[:-3]), 1) >> shifts) & 0xF
     q = q.view(*(sizes[d] for d in order)).permute(*(order.index(d) for d in dims))
     return q.reshape(tiles * 16, groups * steps * 16)

@@ -871,10 +871,13 @@ def test_int4_kernel_multiplies_by_the_dequantized_weights(rows, n, k, monkeypat
     x = torch.randn(rows, k, device=device).bfloat16()
     out = kernels.linear(x, quantized.decode_weights()).float()
     reference = torch.nn.functional.linear(x.float(), quantized.dequantized(torch.float32), quantized.bias.float())
-    assert (out - reference).abs().max() < 1e-2 * reference.abs().max()  # bfloat16 weights, pair sums and output
+    assert (out - reference).abs().max() < 1e-2 * reference.abs().max()  # inputs and output in bfloat16
     assert not quantized.counters.any()
     with pytest.raises(TypeError, match="int4 products take bfloat16 or float32"):
         kernels.linear(x.half(), quantized.decode_weights())
+    if n % 32:  # gate and up of n / 2 columns each: a tile of 16 must not hold both
+        with pytest.raises(ValueError, match=f"intermediate size a multiple of 16, got {n // 2}"):
+            kernels.linear(x, quantized.decode_weights(), gated=True)
     if device == "cuda":
         q = quantized.values()
         tinygemm_q = torch.ops.aten._convert_weight_to_int4pack(
@@ -884,7 +887,7 @@ def test_int4_kernel_multiplies_by_the_dequantized_weights(rows, n, k, monkeypat
         assert (out - tinygemm).abs().max() < 1e-2 * reference.abs().max()
         monkeypatch.setattr(kernels, "_interpreting", lambda: True)
         twin = kernels.linear(x, quantized.decode_weights()).float()
-        # The twin rounds a pair sum twice where an fma rounds once: an output a bfloat16 step apart, at most.
+        # The same exact products, added in float32 in another order: an output a bfloat16 step apart, at most.
         assert ((twin - out).abs() <= 2 ** -7 * out.abs() + 1e-3 * out.abs().max()).all()
 
 
@@ -1022,9 +1025,9 @@ def dequantized_int4(model):
 @pytest.mark.parametrize("bits", [16, 8, 4])
 def test_fused_layers_match_the_plain_step_and_write_both_caches(bits):
     """Norms, rotary embedding, the cache and mirror writes, residuals and the gate, in the kernels' epilogues: as
-    close to float32 arithmetic as the plain step is in the same dtype. int4 products round weights and pair sums to
-    bfloat16 in every dtype (the product alone: test_int4_kernel_multiplies_by_the_dequantized_weights), and two
-    layers of these random weights amplify that to a few percent of the largest logit."""
+    close to float32 arithmetic as the plain step is in the same dtype. int4 products round their inputs to bfloat16
+    in every dtype (the product alone: test_int4_kernel_multiplies_by_the_dequantized_weights), and two layers of
+    these random weights amplify that to a few percent of the largest logit."""
     device = gpu_or_interpreter()
     for dtype in kernel_dtypes():
         model = kernel_model(dtype, device)
