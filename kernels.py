@@ -115,8 +115,13 @@ if triton is not None:
                                          dtype=(tl.int32,) * 4, is_pure=True, pack=1)
 
     @triton.jit
-    def _int4_group_words(at, WORDS: tl.constexpr):
-        # A thread's WORDS words of one group, 16 bytes at a time; eight returned, the ones past WORDS repeats.
+    def _int4_group_words(at, lane, WORDS: tl.constexpr, PTX: tl.constexpr):
+        # A thread's WORDS words of one group, in 16-byte loads (one 8-byte load for groups of 32); eight returned, the
+        # ones past WORDS repeats. The interpreter's twin reads the words where they lie: for it, the address of the
+        # group's words of the tile, so that it goes through the same turns as the words.
+        if not PTX:
+            tile_words = at - lane * WORDS
+            return tile_words, tile_words, tile_words, tile_words, tile_words, tile_words, tile_words, tile_words
         if WORDS == 2:
             w0, w1 = tl.inline_asm_elementwise("ld.global.nc.v2.b32 {$0, $1}, [$2];", "=r,=r,l", [at],
                                                dtype=(tl.int32,) * 2, is_pure=True, pack=1)
@@ -133,8 +138,8 @@ if triton is not None:
     def _int4_mma(w0, w1, x0, x1, x2, x3, c0, c1, c2, c3, s0, s1):
         # A thread's part of two m16n8k16 products on the tensor cores, a 32-input slice (quant._pack): each word's
         # pairs of q, masked and OR-ed into the mantissas of 128.0, are the bf16x2 operands (128 + q, 128 + q') with
-        # one instruction, and the tensor cores add (128 + q) * x exactly in float32 into c. A tile of ones times
-        # the same inputs adds their sums into s, for the zero point (_int4_product).
+        # one instruction, and the tensor cores add the products (128 + q) * x, each exact, in float32 into c. A tile
+        # of ones times the same inputs adds their sums into s, for the zero point (_int4_product).
         return tl.inline_asm_elementwise(
             """{
             .reg .b32 a0, a1, a2, a3, b, mask, magic, one, d0, d1;
@@ -240,6 +245,7 @@ if triton is not None:
         and zero z, x . ((q - 8) s + z) = s (x . (128 + q)) + (z - 136 s) sum(x): the tensor cores add the first
         dot product and the inputs' sum, and the scales come once a group, in float32."""
         tl.static_assert(ROWS == 8)  # the n of the m16n8k16 product
+        tl.static_assert(BLOCK_N % 16 == 0)  # and its m; launched with BLOCK_N / 16 warps (_blocks, qkv_rotary)
         WARPS: tl.constexpr = BLOCK_N // 16
         WORDS: tl.constexpr = GROUP // 16  # a thread's words of a group
         HALF: tl.constexpr = BLOCK_N // 2
@@ -261,15 +267,14 @@ if triton is not None:
             x1_at = X + tl.minimum(row0 + 2 * t + 1, M - 1) * sxm
         # Two groups' words and scales in flight while one is used; the loop takes them in turns, each reloaded
         # as soon as it is used, so that no loaded value is moved (a move would wait on its load).
-        if PTX:
-            a0, a1, a2, a3, a4, a5, a6, a7 = _int4_group_words(words_at + group0 * 32 * WORDS, WORDS)
-            b0, b1, b2, b3, b4, b5, b6, b7 = a0, a1, a2, a3, a4, a5, a6, a7
-        pair_a = tl.load(pairs_at + group0 * N_W)
+        wa0, wa1, wa2, wa3, wa4, wa5, wa6, wa7 = _int4_group_words(words_at + group0 * 32 * WORDS, lane, WORDS, PTX)
+        wb0, wb1, wb2, wb3, wb4, wb5, wb6, wb7 = wa0, wa1, wa2, wa3, wa4, wa5, wa6, wa7
+        pair_a = tl.load(pairs_at + group0 * N_W)  # [scale, zero] of column g; pair_a8: of column g + 8
         pair_a8 = tl.load(pairs_at + group0 * N_W + 8)
         pair_b, pair_b8 = pair_a, pair_a8
         if group0 + 1 < end:
-            if PTX:
-                b0, b1, b2, b3, b4, b5, b6, b7 = _int4_group_words(words_at + (group0 + 1) * 32 * WORDS, WORDS)
+            wb0, wb1, wb2, wb3, wb4, wb5, wb6, wb7 = _int4_group_words(words_at + (group0 + 1) * 32 * WORDS, lane,
+                                                                       WORDS, PTX)
             pair_b = tl.load(pairs_at + (group0 + 1) * N_W)
             pair_b8 = tl.load(pairs_at + (group0 + 1) * N_W + 8)
         acc0 = tl.zeros([32 * WARPS], tl.float32)  # (row 2t, column g), (2t + 1, g), (2t, g + 8), (2t + 1, g + 8)
@@ -279,27 +284,25 @@ if triton is not None:
         for group in range(group0, end, 2):
             scales = _int4_scales(pair_a, pair_a8)
             if PTX:
-                sums = _int4_group_sums(a0, a1, a2, a3, a4, a5, a6, a7, x_at + group * GROUP, WORDS)
+                sums = _int4_group_sums(wa0, wa1, wa2, wa3, wa4, wa5, wa6, wa7, x_at + group * GROUP, WORDS)
             else:
-                sums = _int4_group_sums_plain(words_at - lane * WORDS + group * 32 * WORDS, x0_at + group * GROUP,
-                                              x1_at + group * GROUP, g, WORDS)
+                sums = _int4_group_sums_plain(wa0, x0_at + group * GROUP, x1_at + group * GROUP, g, WORDS)
             if group + 2 < end:
-                if PTX:
-                    a0, a1, a2, a3, a4, a5, a6, a7 = _int4_group_words(words_at + (group + 2) * 32 * WORDS, WORDS)
+                wa0, wa1, wa2, wa3, wa4, wa5, wa6, wa7 = _int4_group_words(words_at + (group + 2) * 32 * WORDS, lane,
+                                                                           WORDS, PTX)
                 pair_a = tl.load(pairs_at + (group + 2) * N_W)
                 pair_a8 = tl.load(pairs_at + (group + 2) * N_W + 8)
             acc0, acc1, acc2, acc3 = _int4_add_group(acc0, acc1, acc2, acc3, sums, scales)
             if group + 1 < end:
                 scales = _int4_scales(pair_b, pair_b8)
                 if PTX:
-                    sums = _int4_group_sums(b0, b1, b2, b3, b4, b5, b6, b7, x_at + (group + 1) * GROUP, WORDS)
+                    sums = _int4_group_sums(wb0, wb1, wb2, wb3, wb4, wb5, wb6, wb7, x_at + (group + 1) * GROUP, WORDS)
                 else:
-                    sums = _int4_group_sums_plain(words_at - lane * WORDS + (group + 1) * 32 * WORDS,
-                                                  x0_at + (group + 1) * GROUP, x1_at + (group + 1) * GROUP, g, WORDS)
+                    sums = _int4_group_sums_plain(wb0, x0_at + (group + 1) * GROUP, x1_at + (group + 1) * GROUP, g,
+                                                  WORDS)
                 if group + 3 < end:
-                    if PTX:
-                        b0, b1, b2, b3, b4, b5, b6, b7 = _int4_group_words(words_at + (group + 3) * 32 * WORDS,
-                                                                           WORDS)
+                    wb0, wb1, wb2, wb3, wb4, wb5, wb6, wb7 = _int4_group_words(words_at + (group + 3) * 32 * WORDS,
+                                                                               lane, WORDS, PTX)
                     pair_b = tl.load(pairs_at + (group + 3) * N_W)
                     pair_b8 = tl.load(pairs_at + (group + 3) * N_W + 8)
                 acc0, acc1, acc2, acc3 = _int4_add_group(acc0, acc1, acc2, acc3, sums, scales)
@@ -374,7 +377,8 @@ if triton is not None:
 
         Both operands go into the tensor-core product exactly as loaded: an operand changed in registers (an RMSNorm
         applied to x, int4 values dequantized) costs a trip through shared memory every step, which measured slower
-        than a separate norm kernel (BENCHMARKS.md). Hence PendingNorm; int4 has its own product, on the CUDA cores."""
+        than a separate norm kernel (BENCHMARKS.md). Hence PendingNorm; int4 has its own product, which gives the
+        tensor cores its dequantized operand from registers (_int4_product)."""
         acc = tl.zeros([TILE, BLOCK_N], tl.float32)
         k = tl.arange(0, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
@@ -528,7 +532,7 @@ def _weight_operands(w: Weights, x: torch.Tensor, K: int):
     return w.data, w.data.stride(0), w.scale if w.scale is not None else w.data
 
 
-def _blocks(w: Weights, K: int, M: int) -> dict:
+def _blocks(w: Weights, K: int) -> dict:
     """Tile sizes and launch settings for a weight. For 16 and 8 bits they depend on the weight alone, never on the
     rows (batch invariance).
 
@@ -550,8 +554,8 @@ def _blocks(w: Weights, K: int, M: int) -> dict:
 
 
 def _split_k(w: Weights, K: int, blocks: dict, grid: tuple, device) -> tuple[tuple, dict]:
-    """The launch grid with its pieces of K, and the kernel's split arguments. int4 products with fewer tiles than
-    INT4_PROGRAMS / 2 are cut along K (a piece a whole number of groups); other products are not split."""
+    """The launch grid with its pieces of K, and the kernel's split arguments. int4 products with at most
+    INT4_PROGRAMS / 2 tiles are cut along K (a piece a whole number of groups); other products are not split."""
     tiles = grid[0] * grid[1]
     groups = K // blocks["BLOCK_K"]
     splits = max(1, min(groups, INT4_PROGRAMS // tiles)) if w.bits == 4 else 1
@@ -608,7 +612,7 @@ def linear(x: torch.Tensor | PendingNorm, w: Weights, residual: torch.Tensor | N
     if gated and w.bits == 4 and N % 16:
         raise ValueError(f"int4 gate/up products need an intermediate size a multiple of 16, got {N}")
     data, swn, scale = _weight_operands(w, x, K)
-    blocks = _blocks(w, K, M)
+    blocks = _blocks(w, K)
     norm_in = _finish_norm(pending) if pending else dict(InSquares=x, sisq=0, P=1, eps=0.0, P_BLOCK=1)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     res = residual.reshape(M, N) if residual is not None else y
@@ -653,7 +657,7 @@ def qkv_rotary(x: PendingNorm, w: Weights, pos: torch.Tensor, inv_freq: torch.Te
     flat = x.scaled.reshape(B * T, K).contiguous()
     N = (n_heads + 2 * n_kv_heads) * D
     data, swn, scale = _weight_operands(w, flat, K)
-    blocks = _blocks(w, K, B * T)
+    blocks = _blocks(w, K)
     blocks["BLOCK_N"] = min(blocks["BLOCK_N"], D)
     if w.bits == 4:  # 16 columns a warp: within one half of a head, or a whole head of 16
         blocks["num_warps"] = blocks["BLOCK_N"] // 16

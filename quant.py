@@ -93,11 +93,11 @@ class Int4Linear(nn.Module):
 
 
 # Where a q sits in `packed`. A tile is 16 output columns (col = 8 * hi + g) by a group's K columns, cut into
-# 32-input slices c; a slice's input 8 * t + 4 * s + 2 * r + h is, for every column of the tile, in step s of
-# thread 4 * g + t's words, its register r (the `mma` operand's first or second eight inputs) and half h
-# (its even or odd input): word 2 * c + s of that thread, bits 4 * (2 * r + hi) + 16 * h. So a thread's word
-# is its whole share of one 16 x 16 `mma`, its eight inputs of x are side by side (one 16-byte load), and
-# a warp's words for a group are one contiguous piece.
+# 32-input slices c; a slice's input 8 * t + 4 * s + 2 * r + h of a column is in thread 4 * g + t's word 2 * c + s,
+# at bits 4 * (2 * r + hi) + 16 * h: the `mma` operand's register 2 * r + hi (r: its first or second eight inputs,
+# hi: the tile's first or second eight columns), half h (the even or odd input). So a thread's word is its whole
+# share of one 16 x 16 `mma`, its eight inputs of x are side by side (one 16-byte load), and a warp's words for a
+# group are one contiguous piece.
 _PACKED_DIMS = "tile hi g group c t s r h"  # q [N, K] viewed so
 _PACKED_ORDER = "tile group g t c s r hi h"  # packed's order; the last three make a word's bits
 _WORD_BITS = [4 * (2 * r + hi) + 16 * h for r in range(2) for hi in range(2) for h in range(2)]

@@ -529,7 +529,7 @@ def test_sparse_to_dense_equals_dense_greedy(s):
 @given(scenarios(), st.sampled_from([d for d in std.DRAFTS if d != "sibling"]),  # the sibling has a test of its own
        st.sampled_from(["qwen2_vl", "qwen2_5_vl"]))
 def test_every_draft_kind_equals_dense_greedy(s, draft, family):
-    s["model"].update(head_dim=16, group=2, sections=(4, 2, 2))  # int4 packing needs widths in multiples of 32
+    s["model"].update(head_dim=16, group=2, sections=(4, 2, 2))  # int4: in_features multiples of 32, out_features of 16
     model = tiny_model(**s["model"], family=family)
     inputs = video_inputs(np.random.default_rng(s["model"]["seed"]), s["before"], s["after"], s["grid"])
     force_stop(model, inputs, s["stop_at"])
@@ -860,12 +860,16 @@ def test_int4_weights_follow_the_convention_of_pytorchs_int4_kernels():
     assert (kernel.float() - reference).abs().max() < 1e-2 * reference.abs().max()
 
 
-@pytest.mark.parametrize("rows,n,k", [(1, 96, 256), (5, 208, 384), (9, 64, 96), (1, 48, 4096)])
-def test_int4_kernel_multiplies_by_the_dequantized_weights(rows, n, k, monkeypatch):
-    """kernels.linear with int4 weights: one row tile or several, K whole or split (the last, with few columns), a
-    partial column block; the split counters are left at zero for the next launch. On a GPU also against tinygemm,
-    fed the same q, and against its plain-Triton twin, which is what the CPU's interpreter runs in its place."""
+@pytest.mark.parametrize("rows,n,k,programs", [(1, 96, 256, None), (5, 208, 384, None), (9, 64, 96, None),
+                                               (1, 48, 4096, None), (3, 64, 160, 1), (2, 48, 640, 1), (1, 32, 1024, 4)])
+def test_int4_kernel_multiplies_by_the_dequantized_weights(rows, n, k, programs, monkeypatch):
+    """kernels.linear with int4 weights: one row tile or several, K split into pieces of one group or of several
+    (programs: fewer programs than usual, so that a program takes several groups, odd and even counts), a partial
+    column block; the split counters are left at zero for the next launch. On a GPU also against tinygemm, fed the
+    same q, and against its plain-Triton twin, which is what the CPU's interpreter runs in its place."""
     device = gpu_or_interpreter()
+    if programs is not None:
+        monkeypatch.setattr(kernels, "INT4_PROGRAMS", programs)
     torch.manual_seed(rows)
     quantized = quant.Int4Linear(torch.nn.Linear(k, n).bfloat16()).to(device)
     x = torch.randn(rows, k, device=device).bfloat16()
