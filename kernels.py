@@ -9,8 +9,8 @@ A decoder layer's step on a GPU is six launches:
 and the head is `linear(x, lm_head)`. The RMSNorms have no launches of their own: a product that writes the residual
 stream also writes it times the next norm's weight and its sums of squares (`PendingNorm`), and the product that
 reads it scales its sums by 1 / rms. Weights come as bfloat16/float32, int8 or int4 (`Weights`); int4 products run
-on the CUDA cores in packed bfloat16 arithmetic (inline PTX) and are not batch-invariant, which they need not be:
-only drafts run int4.
+on the tensor cores with the weights straight from registers (inline PTX) and are not batch-invariant, which they
+need not be: only drafts run int4.
 
 Batch invariance (16 and 8 bits): a row's arithmetic never depends on the other rows of the call. Rows go through
 in tiles of ROW_TILE whatever their number, every reduction runs in a fixed order over blocks that depend only on the
@@ -43,8 +43,9 @@ MERGE_BLOCK = 64  # attention splits the merge combines at once
 class Weights(NamedTuple):
     """A linear layer's weight as the kernels read it: y = x @ w^T (+ bias).
     bits 16: `data` [N, K] in the activations' dtype.  bits 8: int8 [N, K], w = data * scale[n].
-    bits 4: `data` [K / 8, N] int32, eight 4-bit q a word; `scale` [K / group, N] int32, a bfloat16 scale in the low
-    half and a zero in the high; w = (q - 8) * scale + zero; `counters` [INT4_PROGRAMS] int32 zeros (split K)."""
+    bits 4: `data` [N / 16, K / group, 32, group / 16] int32, eight 4-bit q a word in the tensor cores' operand
+    layout (quant._pack); `scale` [K / group, N] int32, a bfloat16 scale in the low half and a zero in the high;
+    w = (q - 8) * scale + zero; `counters` [INT4_PROGRAMS] int32 zeros (split K)."""
     data: torch.Tensor
     bias: torch.Tensor | None = None
     bits: int = 16
@@ -53,7 +54,7 @@ class Weights(NamedTuple):
 
     @property
     def out_features(self) -> int:
-        return self.data.shape[1] if self.bits == 4 else self.data.shape[0]
+        return self.data.shape[0] * 16 if self.bits == 4 else self.data.shape[0]
 
 
 class PendingNorm(NamedTuple):
@@ -88,91 +89,17 @@ def needs_triton(x: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------------------- int4 arithmetic
 
 
-INT4_PROGRAMS = 1024  # K is split until an int4 product has about this many programs: a small matrix needs them
-INT4_ROWS = 8  # rows a program at most: each word is dequantized once for all of them
+INT4_PROGRAMS = 512  # K is split until an int4 product has about this many programs: a small matrix needs them
+INT4_ROWS = 8  # rows a program: the n of the tensor cores' m16n8k16 product, whatever the call's rows
+INT4_COLUMNS = 64  # output columns a program, 16 a warp
 
 
 if triton is not None:
 
     @triton.jit
-    def _int4_scales(pair):
-        # [scale, zero] (two bfloat16 in an int32) -> (scale, scale), (zero, zero), each a bf16x2 register.
-        return tl.inline_asm_elementwise("prmt.b32 $0, $2, $2, 0x1010; prmt.b32 $1, $2, $2, 0x3232;", "=r,=r,r",
-                                         [pair], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
-
-    @triton.jit
-    def _int4_dequantize(word, scales, zeros):
-        # A word's pair i is (q[2i], q[2i + 1]) at bits (4i, 16 + 4i): masked and OR-ed into the mantissas of
-        # 128.0 it is the bf16x2 (128 + q[2i], 128 + q[2i + 1]) with one instruction, then (that - 136) * scale + zero
-        # exactly, rounded once. Four bf16x2 weights out, with no conversion instruction.
-        return tl.inline_asm_elementwise(
-            """{
-            .reg .b32 t, s, mask, magic, one, minus136;
-            mov.b32 mask, 0x000f000f;
-            mov.b32 magic, 0x43004300;
-            mov.b32 one, 0x3f803f80;
-            mov.b32 minus136, 0xc308c308;
-            lop3.b32 t, $4, mask, magic, 0xea;
-            fma.rn.bf16x2 t, t, one, minus136;
-            fma.rn.bf16x2 $0, t, $5, $6;
-            shr.u32 s, $4, 4;
-            lop3.b32 t, s, mask, magic, 0xea;
-            fma.rn.bf16x2 t, t, one, minus136;
-            fma.rn.bf16x2 $1, t, $5, $6;
-            shr.u32 s, $4, 8;
-            lop3.b32 t, s, mask, magic, 0xea;
-            fma.rn.bf16x2 t, t, one, minus136;
-            fma.rn.bf16x2 $2, t, $5, $6;
-            shr.u32 s, $4, 12;
-            lop3.b32 t, s, mask, magic, 0xea;
-            fma.rn.bf16x2 t, t, one, minus136;
-            fma.rn.bf16x2 $3, t, $5, $6;
-            }""", "=r,=r,=r,=r,r,r,r", [word, scales, zeros], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
-
-    @triton.jit
-    def _int4_dot(w0, w1, w2, w3, x0, x1, x2, x3):
-        # Eight products added in two bf16x2 lanes, then the lanes in float32: half the instructions of float32
-        # arithmetic, with rounding errors far below int4's own.
-        return tl.inline_asm_elementwise(
-            """{
-            .reg .b32 p, lo, hi, minus0;
-            mov.b32 minus0, 0x80008000;
-            fma.rn.bf16x2 p, $1, $5, minus0;
-            fma.rn.bf16x2 p, $2, $6, p;
-            fma.rn.bf16x2 p, $3, $7, p;
-            fma.rn.bf16x2 p, $4, $8, p;
-            shl.b32 lo, p, 16;
-            and.b32 hi, p, 0xffff0000;
-            add.f32 $0, lo, hi;
-            }""", "=r,r,r,r,r,r,r,r,r", [w0, w1, w2, w3, x0, x1, x2, x3], dtype=tl.float32, is_pure=True, pack=1)
-
-    @triton.jit
-    def _round_bf16(v):
-        # float32 to the nearest bfloat16 (ties to even), kept in float32: the bf16x2 instructions' rounding.
-        bits = v.to(tl.int32, bitcast=True)
-        return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _int4_weight(word, shift: tl.constexpr, scale, zero):
-        return _round_bf16((((word >> shift) & 15).to(tl.float32) - 8) * scale + zero)
-
-    @triton.jit
-    def _int4_dot_plain(word, scale, zero, X):
-        # What _int4_dequantize and _int4_dot compute, in plain Triton for its interpreter (which runs no PTX).
-        # X: the word's eight inputs.
-        lo = tl.zeros(word.shape, tl.float32)
-        hi = tl.zeros(word.shape, tl.float32)
-        for i in tl.static_range(4):
-            x_lo = _round_bf16(tl.load(X + 2 * i).to(tl.float32))
-            x_hi = _round_bf16(tl.load(X + 2 * i + 1).to(tl.float32))
-            lo = _round_bf16(_int4_weight(word, 4 * i, scale, zero) * x_lo + lo)
-            hi = _round_bf16(_int4_weight(word, 16 + 4 * i, scale, zero) * x_hi + hi)
-        return lo + hi
-
-    @triton.jit
-    def _int4_inputs(at):
-        # The eight inputs of a word, as four bf16x2 registers: bfloat16 ones with one 16-byte load, float32 ones
-        # rounded to bfloat16 pairwise.
+    def _load_b32x4(at):
+        # Four 32-bit registers from 16 bytes at `at`: int4 words, or eight bfloat16 inputs as bf16x2 pairs. float32
+        # inputs are 32 bytes, rounded to bfloat16 pairwise.
         if at.dtype.element_ty == tl.float32:
             return tl.inline_asm_elementwise(
                 """{
@@ -188,45 +115,210 @@ if triton is not None:
                                          dtype=(tl.int32,) * 4, is_pure=True, pack=1)
 
     @triton.jit
-    def _int4_product(X, sxm, rows, row_ok, W, swn, SZ, cols, col_ok, K, groups_each, InSquares, sisq, P, eps,
+    def _int4_group_words(at, lane, WORDS: tl.constexpr, PTX: tl.constexpr):
+        # A thread's WORDS words of one group, in 16-byte loads (one 8-byte load for groups of 32); eight returned, the
+        # ones past WORDS repeats. The interpreter's twin reads the words where they lie: for it, the address of the
+        # group's words of the tile, so that it goes through the same turns as the words.
+        if not PTX:
+            tile_words = at - lane * WORDS
+            return tile_words, tile_words, tile_words, tile_words, tile_words, tile_words, tile_words, tile_words
+        if WORDS == 2:
+            w0, w1 = tl.inline_asm_elementwise("ld.global.nc.v2.b32 {$0, $1}, [$2];", "=r,=r,l", [at],
+                                               dtype=(tl.int32,) * 2, is_pure=True, pack=1)
+            w2, w3 = w0, w1
+        else:
+            w0, w1, w2, w3 = _load_b32x4(at)
+        if WORDS == 8:
+            w4, w5, w6, w7 = _load_b32x4(at + 4)
+        else:
+            w4, w5, w6, w7 = w0, w1, w2, w3
+        return w0, w1, w2, w3, w4, w5, w6, w7
+
+    @triton.jit
+    def _int4_mma(w0, w1, x0, x1, x2, x3, c0, c1, c2, c3, s0, s1):
+        # A thread's part of two m16n8k16 products on the tensor cores, a 32-input slice (quant._pack): each word's
+        # pairs of q, masked and OR-ed into the mantissas of 128.0, are the bf16x2 operands (128 + q, 128 + q') with
+        # one instruction, and the tensor cores add the products (128 + q) * x, each exact, in float32 into c. A tile
+        # of ones times the same inputs adds their sums into s, for the zero point (_int4_product).
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 a0, a1, a2, a3, b, mask, magic, one, d0, d1;
+            mov.b32 mask, 0x000f000f;
+            mov.b32 magic, 0x43004300;
+            mov.b32 one, 0x3f803f80;
+            lop3.b32 a0, $12, mask, magic, 0xea;
+            shr.u32 b, $12, 4;
+            lop3.b32 a1, b, mask, magic, 0xea;
+            shr.u32 b, $12, 8;
+            lop3.b32 a2, b, mask, magic, 0xea;
+            shr.u32 b, $12, 12;
+            lop3.b32 a3, b, mask, magic, 0xea;
+            mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32
+                {$0, $1, $2, $3}, {a0, a1, a2, a3}, {$14, $15}, {$6, $7, $8, $9};
+            mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32
+                {$4, $5, d0, d1}, {one, one, one, one}, {$14, $15}, {$10, $11, $10, $11};
+            lop3.b32 a0, $13, mask, magic, 0xea;
+            shr.u32 b, $13, 4;
+            lop3.b32 a1, b, mask, magic, 0xea;
+            shr.u32 b, $13, 8;
+            lop3.b32 a2, b, mask, magic, 0xea;
+            shr.u32 b, $13, 12;
+            lop3.b32 a3, b, mask, magic, 0xea;
+            mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32
+                {$0, $1, $2, $3}, {a0, a1, a2, a3}, {$16, $17}, {$0, $1, $2, $3};
+            mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32
+                {$4, $5, d0, d1}, {one, one, one, one}, {$16, $17}, {$4, $5, d0, d1};
+            }""", "=f,=f,=f,=f,=f,=f,f,f,f,f,f,f,r,r,r,r,r,r", [c0, c1, c2, c3, s0, s1, w0, w1, x0, x1, x2, x3],
+            dtype=(tl.float32,) * 6, is_pure=True, pack=1)
+
+    @triton.jit
+    def _round_bf16(v):
+        # float32 to the nearest bfloat16 (ties to even), kept in float32: what the kernel's conversions give.
+        bits = v.to(tl.int32, bitcast=True)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _int4_mma_plain(tile_words, part, x0_at, x1_at, g, WORDS: tl.constexpr, c0, c1, c2, c3, s0, s1):
+        # What _int4_mma computes in thread (g, t), in plain Triton for its interpreter (which runs no PTX): the sums
+        # over the group's 32-input slice `part` for its columns g and g + 8 and its rows 2t and 2t + 1 (x0_at,
+        # x1_at at the slice), each q read from the thread that holds it. tile_words: the group's words of the tile.
+        k = tl.arange(0, 32)[None, :]  # the slice's input 8 t' + 4 s + 2 r + h
+        word = tl.load(tile_words[:, None] + (4 * g[:, None] + k // 8) * WORDS + 2 * part + (k // 4) % 2)
+        shift = 8 * ((k // 2) % 2) + 16 * (k % 2)
+        lo = (128 + ((word >> shift) & 15)).to(tl.float32)  # columns g
+        hi = (128 + ((word >> (shift + 4)) & 15)).to(tl.float32)  # columns g + 8
+        x0 = _round_bf16(tl.load(x0_at[:, None] + k).to(tl.float32))
+        x1 = _round_bf16(tl.load(x1_at[:, None] + k).to(tl.float32))
+        return (c0 + tl.sum(lo * x0, 1), c1 + tl.sum(lo * x1, 1), c2 + tl.sum(hi * x0, 1), c3 + tl.sum(hi * x1, 1),
+                s0 + tl.sum(x0, 1), s1 + tl.sum(x1, 1))
+
+    @triton.jit
+    def _int4_group_sums(w0, w1, w2, w3, w4, w5, w6, w7, x_at, WORDS: tl.constexpr):
+        # A group's (128 + q) . x and sum(x) for a thread: WORDS / 2 slices of 32 inputs.
+        c0 = tl.zeros(w0.shape, tl.float32)
+        c1, c2, c3, s0, s1 = c0, c0, c0, c0, c0
+        x0, x1, x2, x3 = _load_b32x4(x_at)
+        c0, c1, c2, c3, s0, s1 = _int4_mma(w0, w1, x0, x1, x2, x3, c0, c1, c2, c3, s0, s1)
+        if WORDS >= 4:
+            x0, x1, x2, x3 = _load_b32x4(x_at + 32)
+            c0, c1, c2, c3, s0, s1 = _int4_mma(w2, w3, x0, x1, x2, x3, c0, c1, c2, c3, s0, s1)
+        if WORDS == 8:
+            x0, x1, x2, x3 = _load_b32x4(x_at + 64)
+            c0, c1, c2, c3, s0, s1 = _int4_mma(w4, w5, x0, x1, x2, x3, c0, c1, c2, c3, s0, s1)
+            x0, x1, x2, x3 = _load_b32x4(x_at + 96)
+            c0, c1, c2, c3, s0, s1 = _int4_mma(w6, w7, x0, x1, x2, x3, c0, c1, c2, c3, s0, s1)
+        return c0, c1, c2, c3, s0, s1
+
+    @triton.jit
+    def _int4_group_sums_plain(tile_words, x0_at, x1_at, g, WORDS: tl.constexpr):
+        # The same, in plain Triton for its interpreter.
+        c0 = tl.zeros(g.shape, tl.float32)
+        c1, c2, c3, s0, s1 = c0, c0, c0, c0, c0
+        for part in tl.static_range(WORDS // 2):
+            c0, c1, c2, c3, s0, s1 = _int4_mma_plain(tile_words, part, x0_at + 32 * part, x1_at + 32 * part, g,
+                                                     WORDS, c0, c1, c2, c3, s0, s1)
+        return c0, c1, c2, c3, s0, s1
+
+    @triton.jit
+    def _int4_scales(pair, pair8):
+        # [scale, zero] of columns g and g + 8 -> their scales, and zeros less 136 scales (for 128 + q - 8).
+        scale, scale8 = (pair << 16).to(tl.float32, bitcast=True), (pair8 << 16).to(tl.float32, bitcast=True)
+        return (scale, (pair & -65536).to(tl.float32, bitcast=True) - 136 * scale,
+                scale8, (pair8 & -65536).to(tl.float32, bitcast=True) - 136 * scale8)
+
+    @triton.jit
+    def _int4_add_group(acc0, acc1, acc2, acc3, sums, scales):
+        c0, c1, c2, c3, s0, s1 = sums
+        scale, zero, scale8, zero8 = scales
+        return (acc0 + scale * c0 + zero * s0, acc1 + scale * c1 + zero * s1, acc2 + scale8 * c2 + zero8 * s0,
+                acc3 + scale8 * c3 + zero8 * s1)
+
+    @triton.jit
+    def _int4_product(X, sxm, pid_m, M, W, SZ, first, second, N_W, K, groups_each, InSquares, sisq, P, eps,
                       NORM_IN: tl.constexpr, P_BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                       GROUP: tl.constexpr, PTX: tl.constexpr):
-        """float32 [ROWS, BLOCK_N]: x[rows] times the int4 weight columns `cols` over this program's piece of K
-        (groups_each groups from program_id(2)), a group a loop step. Each word is dequantized once for all ROWS
-        rows. NORM_IN as in _product."""
-        WORDS: tl.constexpr = GROUP // 8  # a column's words in a group
-        kw = tl.arange(0, WORDS)
-        acc = tl.zeros([ROWS, WORDS, BLOCK_N], tl.float32)
-        first = tl.program_id(2) * groups_each
-        end = tl.minimum(first + groups_each, K // GROUP)
-        at = W + kw[None, :, None] * swn + cols[None, None, :]  # [1, WORDS, BLOCK_N]: every layout from this load
-        words = tl.load(at + first * WORDS * swn, mask=col_ok[None, None, :], other=0)
-        pairs = tl.load(SZ + first * swn + cols, mask=col_ok, other=0)  # [scale, zero] bfloat16 in an int32
-        x_row = X + tl.where(row_ok, rows, 0) * sxm
-        for g in range(first, end):
-            current, current_pairs = words, pairs
-            if g + 1 < end:  # the next group's words and scales in flight while this one's are used
-                words = tl.load(at + (g + 1) * WORDS * swn, mask=col_ok[None, None, :], other=0)
-                pairs = tl.load(SZ + (g + 1) * swn + cols, mask=col_ok, other=0)
+        """float32 [ROWS, BLOCK_N]: rows pid_m * ROWS ... of x times the int4 weight's (N_W columns)
+        columns first + j % (BLOCK_N / 2) + (j // (BLOCK_N / 2)) * second, j < BLOCK_N, over this program's piece of
+        K (groups_each groups from program_id(2)), on the tensor cores. NORM_IN as in _product.
+
+        A warp takes 16 of the columns, a thread its share of their words (quant._pack). For a group with scale s
+        and zero z, x . ((q - 8) s + z) = s (x . (128 + q)) + (z - 136 s) sum(x): the tensor cores add the first
+        dot product and the inputs' sum, and the scales come once a group, in float32."""
+        tl.static_assert(ROWS == 8)  # the n of the m16n8k16 product
+        tl.static_assert(BLOCK_N % 16 == 0)  # and its m; launched with BLOCK_N / 16 warps (_blocks, qkv_rotary)
+        WARPS: tl.constexpr = BLOCK_N // 16
+        WORDS: tl.constexpr = GROUP // 16  # a thread's words of a group
+        HALF: tl.constexpr = BLOCK_N // 2
+        i = tl.arange(0, 32 * WARPS)  # one element a thread: lane i % 32 of warp i // 32
+        lane = i % 32
+        g, t = lane // 4, lane % 4
+        j = (i // 32) * 16  # the warp's first column in the block
+        tile = tl.minimum(first + j % HALF + (j // HALF) * second, N_W - 16) // 16  # past the end: masked after
+        groups = K // GROUP
+        group0 = tl.program_id(2) * groups_each
+        end = tl.minimum(group0 + groups_each, groups)
+        words_at = W + (tile * groups * 32 + lane) * WORDS  # a group's: + group * 32 * WORDS
+        pairs_at = SZ + tile * 16 + g  # [scale, zero] of column g, a group's: + group * N_W; of column g + 8: + 8
+        row0 = pid_m * ROWS
+        if PTX:  # a thread's inputs are the product's operand b: row g, 8 t + ... of each slice
+            x_at = X + tl.minimum(row0 + g, M - 1) * sxm + 8 * t
+        else:
+            x0_at = X + tl.minimum(row0 + 2 * t, M - 1) * sxm
+            x1_at = X + tl.minimum(row0 + 2 * t + 1, M - 1) * sxm
+        # Two groups' words and scales in flight while one is used; the loop takes them in turns, each reloaded
+        # as soon as it is used, so that no loaded value is moved (a move would wait on its load).
+        wa0, wa1, wa2, wa3, wa4, wa5, wa6, wa7 = _int4_group_words(words_at + group0 * 32 * WORDS, lane, WORDS, PTX)
+        wb0, wb1, wb2, wb3, wb4, wb5, wb6, wb7 = wa0, wa1, wa2, wa3, wa4, wa5, wa6, wa7
+        pair_a = tl.load(pairs_at + group0 * N_W)  # [scale, zero] of column g; pair_a8: of column g + 8
+        pair_a8 = tl.load(pairs_at + group0 * N_W + 8)
+        pair_b, pair_b8 = pair_a, pair_a8
+        if group0 + 1 < end:
+            wb0, wb1, wb2, wb3, wb4, wb5, wb6, wb7 = _int4_group_words(words_at + (group0 + 1) * 32 * WORDS, lane,
+                                                                       WORDS, PTX)
+            pair_b = tl.load(pairs_at + (group0 + 1) * N_W)
+            pair_b8 = tl.load(pairs_at + (group0 + 1) * N_W + 8)
+        acc0 = tl.zeros([32 * WARPS], tl.float32)  # (row 2t, column g), (2t + 1, g), (2t, g + 8), (2t + 1, g + 8)
+        acc1 = tl.zeros([32 * WARPS], tl.float32)
+        acc2 = tl.zeros([32 * WARPS], tl.float32)
+        acc3 = tl.zeros([32 * WARPS], tl.float32)
+        for group in range(group0, end, 2):
+            scales = _int4_scales(pair_a, pair_a8)
             if PTX:
-                scales, zeros = _int4_scales(current_pairs)
-                w0, w1, w2, w3 = _int4_dequantize(current, scales[None, None, :], zeros[None, None, :])
-                x0, x1, x2, x3 = _int4_inputs(x_row[:, None] + (g * GROUP + kw * 8)[None, :])
-                acc += _int4_dot(w0, w1, w2, w3, x0[:, :, None], x1[:, :, None], x2[:, :, None], x3[:, :, None])
+                sums = _int4_group_sums(wa0, wa1, wa2, wa3, wa4, wa5, wa6, wa7, x_at + group * GROUP, WORDS)
             else:
-                scale = (current_pairs << 16).to(tl.float32, bitcast=True)
-                zero = (current_pairs & -65536).to(tl.float32, bitcast=True)
-                acc += _int4_dot_plain(current, scale[None, None, :], zero[None, None, :],
-                                       x_row[:, None, None] + (g * GROUP + kw * 8)[None, :, None])
-        acc = tl.sum(acc, 1)
+                sums = _int4_group_sums_plain(wa0, x0_at + group * GROUP, x1_at + group * GROUP, g, WORDS)
+            if group + 2 < end:
+                wa0, wa1, wa2, wa3, wa4, wa5, wa6, wa7 = _int4_group_words(words_at + (group + 2) * 32 * WORDS, lane,
+                                                                           WORDS, PTX)
+                pair_a = tl.load(pairs_at + (group + 2) * N_W)
+                pair_a8 = tl.load(pairs_at + (group + 2) * N_W + 8)
+            acc0, acc1, acc2, acc3 = _int4_add_group(acc0, acc1, acc2, acc3, sums, scales)
+            if group + 1 < end:
+                scales = _int4_scales(pair_b, pair_b8)
+                if PTX:
+                    sums = _int4_group_sums(wb0, wb1, wb2, wb3, wb4, wb5, wb6, wb7, x_at + (group + 1) * GROUP, WORDS)
+                else:
+                    sums = _int4_group_sums_plain(wb0, x0_at + (group + 1) * GROUP, x1_at + (group + 1) * GROUP, g,
+                                                  WORDS)
+                if group + 3 < end:
+                    wb0, wb1, wb2, wb3, wb4, wb5, wb6, wb7 = _int4_group_words(words_at + (group + 3) * 32 * WORDS,
+                                                                               lane, WORDS, PTX)
+                    pair_b = tl.load(pairs_at + (group + 3) * N_W)
+                    pair_b8 = tl.load(pairs_at + (group + 3) * N_W + 8)
+                acc0, acc1, acc2, acc3 = _int4_add_group(acc0, acc1, acc2, acc3, sums, scales)
+        # The threads' sums as [row, column]: thread (g, t) of warp w holds rows 2t + p, columns 16 w + 8 h + g.
+        acc = tl.join(tl.join(acc0, acc2), tl.join(acc1, acc3))  # [thread, h, p]
+        acc = tl.reshape(tl.permute(tl.reshape(acc, (WARPS, 8, 4, 2, 2)), (2, 4, 0, 3, 1)), (ROWS, BLOCK_N))
         if NORM_IN:
-            acc *= _inverse_rms(InSquares, sisq, rows, row_ok, P, K, eps, P_BLOCK)[:, None]
+            rows = row0 + tl.arange(0, ROWS)
+            acc *= _inverse_rms(InSquares, sisq, rows, rows < M, P, K, eps, P_BLOCK)[:, None]
         return acc
 
     @triton.jit
     def _interleaved(acc, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-        # [ROWS, BLOCK_N] as (a0 .. a(n-1), b0 .. b(n-1)) -> (a0, b0, a1, b1, ...): the int4 product loads a thread's
-        # columns side by side (one 16-byte load; paired columns would be four loads), the epilogues take pairs.
+        # [ROWS, BLOCK_N] as (a0 .. a(n-1), b0 .. b(n-1)) -> (a0, b0, a1, b1, ...): a warp of the int4 product takes
+        # 16 neighbouring columns of the weight (a tile of its layout), so its block comes as gate columns then up
+        # columns (first halves then second halves of rotary pairs); the epilogues take pairs.
         return tl.reshape(tl.permute(tl.reshape(acc, (ROWS, 2, BLOCK_N // 2)), (0, 2, 1)), (ROWS, BLOCK_N))
 
     @triton.jit
@@ -243,8 +335,10 @@ if triton is not None:
         arrived = tl.atomic_add(Counters + tile, 1, sem="acq_rel")
         last = (tl.zeros([ROWS], tl.int32) + arrived) == splits - 1  # a vector: Triton's interpreter needs one
         total = tl.zeros([ROWS, BLOCK_N], tl.float32)
-        for piece in range(splits):
-            total += tl.load(at + piece * every_tile, mask=last[:, None], other=0.0, cache_modifier=".cg")
+        for piece in range(0, splits, 4):
+            for u in tl.static_range(4):  # four loads in flight at a time, added in order
+                ok = last & (tl.zeros([ROWS], tl.int32) + piece + u < splits)
+                total += tl.load(at + (piece + u) * every_tile, mask=ok[:, None], other=0.0, cache_modifier=".cg")
         tl.store(Counters + tile, 0, mask=arrived == splits - 1)  # ready for the next launch
         return total, last
 
@@ -283,7 +377,8 @@ if triton is not None:
 
         Both operands go into the tensor-core product exactly as loaded: an operand changed in registers (an RMSNorm
         applied to x, int4 values dequantized) costs a trip through shared memory every step, which measured slower
-        than a separate norm kernel (BENCHMARKS.md). Hence PendingNorm; int4 has its own product, on the CUDA cores."""
+        than a separate norm kernel (BENCHMARKS.md). Hence PendingNorm; int4 has its own product, which gives the
+        tensor cores its dequantized operand from registers (_int4_product)."""
         acc = tl.zeros([TILE, BLOCK_N], tl.float32)
         k = tl.arange(0, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
@@ -329,15 +424,13 @@ if triton is not None:
             res = tl.load(Res + rows[:, None] * srm + out_cols[None, :], mask=row_ok[:, None] & (out_cols < N)[None, :],
                           other=0.0)
         if BITS == 4:
-            if GATED:  # the block's gate columns, then its up columns, each thread's side by side; paired after
-                half = j % (BLOCK_N // 2)
-                acc = _int4_product(X, sxm, rows, row_ok, W, swn, Scale, pid_n * (BLOCK_N // 2) + half
-                                    + (j // (BLOCK_N // 2)) * N, (pid_n * (BLOCK_N // 2) + half) < N, K, groups_each,
+            if GATED:  # the block's gate columns, then its up columns; paired after
+                acc = _int4_product(X, sxm, pid_m, M, W, Scale, pid_n * (BLOCK_N // 2), N, 2 * N, K, groups_each,
                                     InSquares, sisq, P, eps, NORM_IN, P_BLOCK, ROWS, BLOCK_N, BLOCK_K, PTX)
                 acc = _interleaved(acc, ROWS, BLOCK_N)
             else:
-                acc = _int4_product(X, sxm, rows, row_ok, W, swn, Scale, cols, col_ok, K, groups_each, InSquares,
-                                    sisq, P, eps, NORM_IN, P_BLOCK, ROWS, BLOCK_N, BLOCK_K, PTX)
+                acc = _int4_product(X, sxm, pid_m, M, W, Scale, pid_n * BLOCK_N, BLOCK_N // 2, N, K, groups_each,
+                                    InSquares, sisq, P, eps, NORM_IN, P_BLOCK, ROWS, BLOCK_N, BLOCK_K, PTX)
             if SPLIT:  # only the last program of a tile goes on, with the whole sum
                 acc, last = _split_sum(acc, Partial, Counters, splits, ROWS, BLOCK_N)
                 row_ok = row_ok & last
@@ -386,10 +479,10 @@ if triton is not None:
         slot2 = tl.load(L2 + b, mask=row_ok, other=0) + t
         if HAS_BIAS:
             bias = tl.load(Bias + cols).to(tl.float32)
-        if BITS == 4:  # the block's first halves, then its second halves, each thread's side by side; paired after
-            halves = head * HEAD_DIM + (pid_n % PER_HEAD) * PAIRS + j % PAIRS + (j // PAIRS) * (HEAD_DIM // 2)
-            acc = _int4_product(X, sxm, rows, row_ok, W, swn, Scale, halves, halves < N, K, groups_each, InSquares,
-                                sisq, P, eps, True, P_BLOCK, ROWS, BLOCK_N, BLOCK_K, PTX)
+        if BITS == 4:  # the block's first halves, then its second halves; paired after
+            acc = _int4_product(X, sxm, pid_m, M, W, Scale, head * HEAD_DIM + (pid_n % PER_HEAD) * PAIRS,
+                                HEAD_DIM // 2, N, K, groups_each, InSquares, sisq, P, eps, True, P_BLOCK, ROWS,
+                                BLOCK_N, BLOCK_K, PTX)
             acc = _interleaved(acc, ROWS, BLOCK_N)
             if SPLIT:  # only the last program of a tile goes on, with the whole sum
                 acc, last = _split_sum(acc, Partial, Counters, splits, ROWS, BLOCK_N)
@@ -439,20 +532,18 @@ def _weight_operands(w: Weights, x: torch.Tensor, K: int):
     return w.data, w.data.stride(0), w.scale if w.scale is not None else w.data
 
 
-def _blocks(w: Weights, K: int, M: int) -> dict:
+def _blocks(w: Weights, K: int) -> dict:
     """Tile sizes and launch settings for a weight. For 16 and 8 bits they depend on the weight alone, never on the
     rows (batch invariance).
 
     Swept on an H200 over the decoder matrices of Qwen2-VL-2B, 7B and a 72B tensor-parallel rank. A matrix with
     few output rows gets narrow column blocks, so that there are programs for every multiprocessor; a long row
-    gets a deeper pipeline of loads. int4 (swept over 2B's and 7B's): up to 8 rows a program, each word
-    dequantized once for them; one row reads best in wide column blocks, more rows in narrow ones, eight in
-    the narrowest."""
+    gets a deeper pipeline of loads. int4 products take INT4_ROWS rows and INT4_COLUMNS columns a program, a warp
+    each 16 columns."""
     N = w.out_features
     if w.bits == 4:
-        rows = min(triton.next_power_of_2(M), INT4_ROWS)
-        block_n, warps = (64, 2) if rows == 1 else (16, 2) if rows == INT4_ROWS else (32, 4)
-        return dict(ROWS=rows, BLOCK_N=block_n, BLOCK_K=K // w.scale.shape[0], BITS=4, num_warps=warps)
+        return dict(ROWS=INT4_ROWS, BLOCK_N=INT4_COLUMNS, BLOCK_K=K // w.scale.shape[0], BITS=4,
+                    num_warps=INT4_COLUMNS // 16)
     if w.bits == 8:  # int8 keeps its own settings: the 16-bit rule measured slower for it (BENCHMARKS.md, section 8)
         return dict(ROWS=ROW_TILE, BLOCK_N=64 if N >= 16384 else 32, BLOCK_K=_block_k(K, 256), BITS=8, num_warps=4,
                     num_stages=4)
@@ -463,8 +554,8 @@ def _blocks(w: Weights, K: int, M: int) -> dict:
 
 
 def _split_k(w: Weights, K: int, blocks: dict, grid: tuple, device) -> tuple[tuple, dict]:
-    """The launch grid with its pieces of K, and the kernel's split arguments. int4 products with fewer tiles than
-    INT4_PROGRAMS / 2 are cut along K (a piece a whole number of groups); other products are not split."""
+    """The launch grid with its pieces of K, and the kernel's split arguments. int4 products with at most
+    INT4_PROGRAMS / 2 tiles are cut along K (a piece a whole number of groups); other products are not split."""
     tiles = grid[0] * grid[1]
     groups = K // blocks["BLOCK_K"]
     splits = max(1, min(groups, INT4_PROGRAMS // tiles)) if w.bits == 4 else 1
@@ -518,8 +609,10 @@ def linear(x: torch.Tensor | PendingNorm, w: Weights, residual: torch.Tensor | N
         flat = flat.contiguous()
     (M, K), rows_out = flat.shape, w.out_features
     N = rows_out // 2 if gated else rows_out
+    if gated and w.bits == 4 and N % 16:
+        raise ValueError(f"int4 gate/up products need an intermediate size a multiple of 16, got {N}")
     data, swn, scale = _weight_operands(w, x, K)
-    blocks = _blocks(w, K, M)
+    blocks = _blocks(w, K)
     norm_in = _finish_norm(pending) if pending else dict(InSquares=x, sisq=0, P=1, eps=0.0, P_BLOCK=1)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     res = residual.reshape(M, N) if residual is not None else y
@@ -564,8 +657,10 @@ def qkv_rotary(x: PendingNorm, w: Weights, pos: torch.Tensor, inv_freq: torch.Te
     flat = x.scaled.reshape(B * T, K).contiguous()
     N = (n_heads + 2 * n_kv_heads) * D
     data, swn, scale = _weight_operands(w, flat, K)
-    blocks = _blocks(w, K, B * T)
+    blocks = _blocks(w, K)
     blocks["BLOCK_N"] = min(blocks["BLOCK_N"], D)
+    if w.bits == 4:  # 16 columns a warp: within one half of a head, or a whole head of 16
+        blocks["num_warps"] = blocks["BLOCK_N"] // 16
     q = torch.empty(B * T, n_heads * D, device=flat.device, dtype=flat.dtype)
     other = mirror if mirror is not None else cache
     launch, split = _split_k(w, K, blocks, (triton.cdiv(B * T, blocks["ROWS"]), N // blocks["BLOCK_N"]), flat.device)

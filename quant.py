@@ -41,9 +41,10 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """Weight-only int4: per group of 128 (or 64, 32) input columns, w ~ (q - 8) * scale + zero with q in 0..15.
 
-    Stored for kernels.py's int4 products, which a GPU runs: eight q a 32-bit word, the words of each eight inputs of
-    an output column [K / 8, N]; scale and zero as one bfloat16 pair in an int32 [K / group, N]. On the CPU the
-    weight is dequantized, so a draft can run in any dtype, float64 included. Both hold the same quantized values.
+    Stored for kernels.py's int4 products, which a GPU runs on its tensor cores: `packed` [N / 16, K / group, 32,
+    group / 16] int32, eight q a word, each word one thread's share of a 16 x 16 weight tile in the `mma` instruction's
+    operand layout (`_pack`); scale and zero as one bfloat16 pair in an int32 [K / group, N]. On the CPU the weight is
+    dequantized, so a draft can run in any dtype, float64 included. Both hold the same quantized values.
     """
     bits = 4
 
@@ -51,17 +52,14 @@ class Int4Linear(nn.Module):
         super().__init__()
         N, K = linear.weight.shape
         self.group = next((g for g in (128, 64, 32) if K % g == 0), None)
-        if self.group is None:
-            raise ValueError(f"int4 needs in_features a multiple of 32 (its groups), got {K}")
+        if self.group is None or N % 16:
+            raise ValueError(f"int4 needs in_features a multiple of 32 (its groups) and out_features of 16 "
+                             f"(its tiles), got {K} and {N}")
         w = linear.weight.float().view(N, K // self.group, self.group)
         lowest, highest = w.amin(dim=-1), w.amax(dim=-1)
         scale = ((highest - lowest) / 15).clamp(min=1e-8)
         q = ((w - lowest[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).view(N, K)
-        # Input 8j + 2i + h of a column in bits 4i + 16h of word j: the kernel turns bits (4i, 16 + 4i) into one
-        # bf16x2 pair of weights, which meets the inputs' own pair (2i, 2i + 1).
-        q = q.T.reshape(K // 8, 4, 2, N)
-        self.register_buffer("packed", sum(q[:, i, h] << (4 * i + 16 * h) for i in range(4) for h in range(2))
-                             .contiguous())
+        self.register_buffer("packed", _pack(q, self.group))
         zero = lowest + 8 * scale
         pairs = torch.stack([scale, zero], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()  # [K / group, N, 2]
         # One int32 a pair, as the kernel loads it; as an integer it also stays bfloat16 through model.to(dtype).
@@ -79,12 +77,10 @@ class Int4Linear(nn.Module):
 
     def values(self) -> torch.Tensor:
         """q [N, K], int32 in 0..15."""
-        shifts = torch.tensor([4 * i + 16 * h for i in range(4) for h in range(2)], dtype=torch.int32,
-                              device=self.packed.device)
-        return ((self.packed[:, None, :] >> shifts[:, None]) & 0xF).flatten(0, 1).T  # from [K / 8, 8, N]
+        return _unpack(self.packed)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        q = self.values().to(dtype).view(self.packed.shape[1], -1, self.group) - 8
+        q = self.values().to(dtype).view(self.packed.shape[0] * 16, -1, self.group) - 8
         scale, zero = self.scale_and_zero_bf16().to(dtype).transpose(0, 1).unbind(-1)  # [N, K / group] each
         return (q * scale[..., None] + zero[..., None]).flatten(1)
 
@@ -94,6 +90,38 @@ class Int4Linear(nn.Module):
         if x.is_cuda:
             return kernels.linear(x, self.decode_weights())
         return F.linear(x, self.dequantized(x.dtype), self.bias)
+
+
+# Where a q sits in `packed`. A tile is 16 output columns (col = 8 * hi + g) by a group's K columns, cut into
+# 32-input slices c; a slice's input 8 * t + 4 * s + 2 * r + h of a column is in thread 4 * g + t's word 2 * c + s,
+# at bits 4 * (2 * r + hi) + 16 * h: the `mma` operand's register 2 * r + hi (r: its first or second eight inputs,
+# hi: the tile's first or second eight columns), half h (the even or odd input). So a thread's word is its whole
+# share of one 16 x 16 `mma`, its eight inputs of x are side by side (one 16-byte load), and a warp's words for a
+# group are one contiguous piece.
+_PACKED_DIMS = "tile hi g group c t s r h"  # q [N, K] viewed so
+_PACKED_ORDER = "tile group g t c s r hi h"  # packed's order; the last three make a word's bits
+_WORD_BITS = [4 * (2 * r + hi) + 16 * h for r in range(2) for hi in range(2) for h in range(2)]
+
+
+def _pack(q: torch.Tensor, group: int) -> torch.Tensor:
+    """q [N, K] in 0..15 -> [N / 16, K / group, 32, group / 16] int32."""
+    N, K = q.shape
+    sizes = dict(tile=N // 16, hi=2, g=8, group=K // group, c=group // 32, t=4, s=2, r=2, h=2)
+    dims, order = _PACKED_DIMS.split(), _PACKED_ORDER.split()
+    q = q.view(*(sizes[d] for d in dims)).permute(*(dims.index(d) for d in order)).flatten(-3)  # bits r, hi, h
+    shifts = torch.tensor(_WORD_BITS, dtype=torch.int32, device=q.device)
+    return (q << shifts).sum(-1, dtype=torch.int32).reshape(N // 16, K // group, 32, group // 16).contiguous()
+
+
+def _unpack(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of _pack: q [N, K]."""
+    tiles, groups, _, steps = packed.shape
+    sizes = dict(tile=tiles, hi=2, g=8, group=groups, c=steps // 2, t=4, s=2, r=2, h=2)
+    dims, order = _PACKED_DIMS.split(), _PACKED_ORDER.split()
+    shifts = torch.tensor(_WORD_BITS, dtype=torch.int32, device=packed.device)
+    q = (packed.view(*(sizes[d] for d in order[:-3]), 1) >> shifts) & 0xF
+    q = q.view(*(sizes[d] for d in order)).permute(*(order.index(d) for d in dims))
+    return q.reshape(tiles * 16, groups * steps * 16)
 
 
 def quantized_copy(model: nn.Module, bits: int) -> nn.Module:

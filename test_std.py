@@ -529,7 +529,7 @@ def test_sparse_to_dense_equals_dense_greedy(s):
 @given(scenarios(), st.sampled_from([d for d in std.DRAFTS if d != "sibling"]),  # the sibling has a test of its own
        st.sampled_from(["qwen2_vl", "qwen2_5_vl"]))
 def test_every_draft_kind_equals_dense_greedy(s, draft, family):
-    s["model"].update(head_dim=16, group=2, sections=(4, 2, 2))  # int4 packing needs widths in multiples of 32
+    s["model"].update(head_dim=16, group=2, sections=(4, 2, 2))  # int4: in_features multiples of 32, out_features of 16
     model = tiny_model(**s["model"], family=family)
     inputs = video_inputs(np.random.default_rng(s["model"]["seed"]), s["before"], s["after"], s["grid"])
     force_stop(model, inputs, s["stop_at"])
@@ -831,8 +831,10 @@ def test_quantized_linears_stay_close_to_the_weights(bits):
     exact = linear(x)
     error = (quantized(x) - exact).norm() / exact.norm()
     assert 1e-4 < error < (0.02 if bits == 8 else 0.2)  # quantized for real; int4 is a draft, never a verifier
-    with pytest.raises(ValueError, match="in_features a multiple of 32"):
+    with pytest.raises(ValueError, match="in_features a multiple of 32 .* got 48 and 96"):
         quant.Int4Linear(torch.nn.Linear(48, 96))
+    with pytest.raises(ValueError, match="out_features of 16 .* got 128 and 40"):
+        quant.Int4Linear(torch.nn.Linear(128, 40))
     with pytest.raises(RuntimeError, match="int4 weights on cpu cannot multiply an input on meta"):
         quant.Int4Linear(torch.nn.Linear(64, 32))(torch.empty(2, 64, device="meta"))
 
@@ -858,21 +860,28 @@ def test_int4_weights_follow_the_convention_of_pytorchs_int4_kernels():
     assert (kernel.float() - reference).abs().max() < 1e-2 * reference.abs().max()
 
 
-@pytest.mark.parametrize("rows,n,k", [(1, 96, 256), (5, 200, 384), (9, 64, 96), (1, 40, 4096)])
-def test_int4_kernel_multiplies_by_the_dequantized_weights(rows, n, k, monkeypatch):
-    """kernels.linear with int4 weights: one row tile or several, K whole or split (the last, with few columns), a
-    partial column block; the split counters are left at zero for the next launch. On a GPU also against tinygemm,
-    fed the same q, and against its plain-Triton twin, which is what the CPU's interpreter runs in its place."""
+@pytest.mark.parametrize("rows,n,k,programs", [(1, 96, 256, None), (5, 208, 384, None), (9, 64, 96, None),
+                                               (1, 48, 4096, None), (3, 64, 160, 1), (2, 48, 640, 1), (1, 32, 1024, 4)])
+def test_int4_kernel_multiplies_by_the_dequantized_weights(rows, n, k, programs, monkeypatch):
+    """kernels.linear with int4 weights: one row tile or several, K split into pieces of one group or of several
+    (programs: fewer programs than usual, so that a program takes several groups, odd and even counts), a partial
+    column block; the split counters are left at zero for the next launch. On a GPU also against tinygemm, fed the
+    same q, and against its plain-Triton twin, which is what the CPU's interpreter runs in its place."""
     device = gpu_or_interpreter()
+    if programs is not None:
+        monkeypatch.setattr(kernels, "INT4_PROGRAMS", programs)
     torch.manual_seed(rows)
     quantized = quant.Int4Linear(torch.nn.Linear(k, n).bfloat16()).to(device)
     x = torch.randn(rows, k, device=device).bfloat16()
     out = kernels.linear(x, quantized.decode_weights()).float()
     reference = torch.nn.functional.linear(x.float(), quantized.dequantized(torch.float32), quantized.bias.float())
-    assert (out - reference).abs().max() < 1e-2 * reference.abs().max()  # bfloat16 weights, pair sums and output
+    assert (out - reference).abs().max() < 1e-2 * reference.abs().max()  # inputs and output in bfloat16
     assert not quantized.counters.any()
     with pytest.raises(TypeError, match="int4 products take bfloat16 or float32"):
         kernels.linear(x.half(), quantized.decode_weights())
+    if n % 32:  # gate and up of n / 2 columns each: a tile of 16 must not hold both
+        with pytest.raises(ValueError, match=f"intermediate size a multiple of 16, got {n // 2}"):
+            kernels.linear(x, quantized.decode_weights(), gated=True)
     if device == "cuda":
         q = quantized.values()
         tinygemm_q = torch.ops.aten._convert_weight_to_int4pack(
@@ -882,7 +891,7 @@ def test_int4_kernel_multiplies_by_the_dequantized_weights(rows, n, k, monkeypat
         assert (out - tinygemm).abs().max() < 1e-2 * reference.abs().max()
         monkeypatch.setattr(kernels, "_interpreting", lambda: True)
         twin = kernels.linear(x, quantized.decode_weights()).float()
-        # The twin rounds a pair sum twice where an fma rounds once: an output a bfloat16 step apart, at most.
+        # The same exact products, added in float32 in another order: an output a bfloat16 step apart, at most.
         assert ((twin - out).abs() <= 2 ** -7 * out.abs() + 1e-3 * out.abs().max()).all()
 
 
@@ -1020,9 +1029,9 @@ def dequantized_int4(model):
 @pytest.mark.parametrize("bits", [16, 8, 4])
 def test_fused_layers_match_the_plain_step_and_write_both_caches(bits):
     """Norms, rotary embedding, the cache and mirror writes, residuals and the gate, in the kernels' epilogues: as
-    close to float32 arithmetic as the plain step is in the same dtype. int4 products round weights and pair sums to
-    bfloat16 in every dtype (the product alone: test_int4_kernel_multiplies_by_the_dequantized_weights), and two
-    layers of these random weights amplify that to a few percent of the largest logit."""
+    close to float32 arithmetic as the plain step is in the same dtype. int4 products round their inputs to bfloat16
+    in every dtype (the product alone: test_int4_kernel_multiplies_by_the_dequantized_weights), and two layers of
+    these random weights amplify that to a few percent of the largest logit."""
     device = gpu_or_interpreter()
     for dtype in kernel_dtypes():
         model = kernel_model(dtype, device)
@@ -1411,7 +1420,7 @@ def test_bench_documents_mode_is_lossless_and_projects_from_step_times(tmp_path)
 
     torch.manual_seed(1)  # a random model whose answers outlast the re-selection period below
     config = hf_config()
-    config.text_config.intermediate_size = 128  # int4: in_features a multiple of 32, out_features of 8
+    config.text_config.intermediate_size = 128  # int4: in_features a multiple of 32, out_features of 16
     config.text_config.vocab_size = 304
     Qwen2VLForConditionalGeneration(config).save_pretrained(tmp_path / "model")
     write_tokenizer(tmp_path / "model")
