@@ -532,25 +532,27 @@ def _weight_operands(w: Weights, x: torch.Tensor, K: int):
     return w.data, w.data.stride(0), w.scale if w.scale is not None else w.data
 
 
-def _blocks(w: Weights, K: int) -> dict:
+def _blocks(w: Weights, K: int, columns: int | None = None) -> dict:
     """Tile sizes and launch settings for a weight. For 16 and 8 bits they depend on the weight alone, never on the
     rows (batch invariance).
 
     Swept on an H200 over the decoder matrices of Qwen2-VL-2B, 7B and a 72B tensor-parallel rank. A matrix with
     few output rows gets narrow column blocks, so that there are programs for every multiprocessor; a long row
     gets a deeper pipeline of loads. int4 products take INT4_ROWS rows and INT4_COLUMNS columns a program, a warp
-    each 16 columns."""
-    N = w.out_features
+    each 16 columns. columns: at most this many columns a program (q/k/v: a program's columns lie in one head)."""
+    N, most = w.out_features, columns or 1 << 31  # most: the columns a program may take
     if w.bits == 4:
-        return dict(ROWS=INT4_ROWS, BLOCK_N=INT4_COLUMNS, BLOCK_K=K // w.scale.shape[0], BITS=4,
-                    num_warps=INT4_COLUMNS // 16)
+        block_n = min(INT4_COLUMNS, most)
+        return dict(ROWS=INT4_ROWS, BLOCK_N=block_n, BLOCK_K=K // w.scale.shape[0], BITS=4, num_warps=block_n // 16)
     if w.bits == 8:  # int8 keeps its own settings: the 16-bit rule measured slower for it (BENCHMARKS.md, section 8)
-        return dict(ROWS=ROW_TILE, BLOCK_N=64 if N >= 16384 else 32, BLOCK_K=_block_k(K, 256), BITS=8, num_warps=4,
-                    num_stages=4)
+        block_n = 64 if N >= 16384 else 32
+        return dict(ROWS=ROW_TILE, BLOCK_N=min(block_n, most), BLOCK_K=_block_k(K, 256), BITS=8,
+                    num_warps=4, num_stages=4)
     wide = N >= 16384
     block_k = _block_k(K, 128 if wide else 256)
-    return dict(ROWS=ROW_TILE, BLOCK_N=(64 if K > 4096 else 32) if wide else 16, BLOCK_K=block_k, BITS=w.bits,
-                num_warps=2, num_stages=6 if K // block_k > 32 else 4)
+    block_n = (64 if K > 4096 else 32) if wide else 16
+    return dict(ROWS=ROW_TILE, BLOCK_N=min(block_n, most), BLOCK_K=block_k, BITS=w.bits, num_warps=2,
+                num_stages=6 if K // block_k > 32 else 4)
 
 
 def _split_k(w: Weights, K: int, blocks: dict, grid: tuple, device) -> tuple[tuple, dict]:
@@ -657,10 +659,7 @@ def qkv_rotary(x: PendingNorm, w: Weights, pos: torch.Tensor, inv_freq: torch.Te
     flat = x.scaled.reshape(B * T, K).contiguous()
     N = (n_heads + 2 * n_kv_heads) * D
     data, swn, scale = _weight_operands(w, flat, K)
-    blocks = _blocks(w, K)
-    blocks["BLOCK_N"] = min(blocks["BLOCK_N"], D)
-    if w.bits == 4:  # 16 columns a warp: within one half of a head, or a whole head of 16
-        blocks["num_warps"] = blocks["BLOCK_N"] // 16
+    blocks = _blocks(w, K, columns=D)
     q = torch.empty(B * T, n_heads * D, device=flat.device, dtype=flat.dtype)
     other = mirror if mirror is not None else cache
     launch, split = _split_k(w, K, blocks, (triton.cdiv(B * T, blocks["ROWS"]), N // blocks["BLOCK_N"]), flat.device)
