@@ -119,19 +119,21 @@ if triton is not None:
         # A thread's WORDS words of one group, in 16-byte loads (one 8-byte load for groups of 32); eight returned, the
         # ones past WORDS repeats. The interpreter's twin reads the words where they lie: for it, the address of the
         # group's words of the tile, so that it goes through the same turns as the words.
+        # (One return: Triton 3.6 compares the types of every return, even one in a branch not compiled.)
         if not PTX:
-            tile_words = at - lane * WORDS
-            return tile_words, tile_words, tile_words, tile_words, tile_words, tile_words, tile_words, tile_words
-        if WORDS == 2:
-            w0, w1 = tl.inline_asm_elementwise("ld.global.nc.v2.b32 {$0, $1}, [$2];", "=r,=r,l", [at],
-                                               dtype=(tl.int32,) * 2, is_pure=True, pack=1)
-            w2, w3 = w0, w1
+            w0 = at - lane * WORDS
+            w1, w2, w3, w4, w5, w6, w7 = w0, w0, w0, w0, w0, w0, w0
         else:
-            w0, w1, w2, w3 = _load_b32x4(at)
-        if WORDS == 8:
-            w4, w5, w6, w7 = _load_b32x4(at + 4)
-        else:
-            w4, w5, w6, w7 = w0, w1, w2, w3
+            if WORDS == 2:
+                w0, w1 = tl.inline_asm_elementwise("ld.global.nc.v2.b32 {$0, $1}, [$2];", "=r,=r,l", [at],
+                                                   dtype=(tl.int32,) * 2, is_pure=True, pack=1)
+                w2, w3 = w0, w1
+            else:
+                w0, w1, w2, w3 = _load_b32x4(at)
+            if WORDS == 8:
+                w4, w5, w6, w7 = _load_b32x4(at + 4)
+            else:
+                w4, w5, w6, w7 = w0, w1, w2, w3
         return w0, w1, w2, w3, w4, w5, w6, w7
 
     @triton.jit
