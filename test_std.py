@@ -4,7 +4,8 @@
 2. Numerics: logits and greedy tokens equal those of transformers' Qwen2VLForConditionalGeneration.
 3. Video input: the official resize, sampling and patch order; an mp4 decoded end to end.
 4. Sparse-to-Dense: token-identical to dense greedy decoding (property tests, float64), selection as defined.
-5. The Triton decode kernels against the plain path, and batch invariance (on a GPU, or in Triton's CPU interpreter).
+5. The Triton decode kernels against the plain path, and batch invariance (on a GPU, or in Triton's CPU interpreter);
+   each compiled for Hopper, GPU or not.
 6. bench.py end to end.
 """
 import copy
@@ -1078,6 +1079,86 @@ def test_a_verify_pass_equals_one_token_steps_bit_for_bit(bits):
                 alone.lengths += 1
             for a, b in zip(together.k + together.v, alone.k + alone.v):
                 assert torch.equal(a[row], b[0]), (dtype, row)
+
+
+def test_every_decode_kernel_compiles_for_hopper_here():
+    """The kernels as a GPU compiles them: the interpreter above runs the int4 product's plain-Triton twin, never its
+    inline PTX, so every launch of the decode path (bfloat16 and float32; 16-, 8- and 4-bit weights, groups of 32, 64
+    and 128; split and not; both attention splits) is compiled here to sm_90 machine code, Triton's front end and
+    ptxas included, with no GPU. What they refuse differs between Triton versions: this file on a GPU checks the GPU's."""
+    pytest.importorskip("triton")
+    run = subprocess.run([sys.executable, "-c", "import test_std; test_std.compile_the_decode_kernels_for_hopper()"],
+                         cwd=HERE, env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert re.fullmatch(r"compiled \d+ launches of 5 kernels\n", run.stdout), run.stdout
+
+
+def compile_the_decode_kernels_for_hopper():
+    """(In a process without TRITON_INTERPRET, so that the kernels are Triton's compiled functions.)"""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    launches = {}
+    for fn, args, kwargs in decode_launches():
+        names = fn.arg_names
+        values = {**dict(zip(names, args)), **{n: v for n, v in kwargs.items() if n in names}}
+        options = {n: v for n, v in kwargs.items() if n not in names}  # num_warps, num_stages
+        constants = {n: values[n] for n, p in zip(names, fn.params) if p.is_constexpr}
+        signature = {n: "constexpr" if n in constants else triton_type(values[n]) for n in names}
+        launches[repr((fn.__name__, signature, constants, options))] = (fn, signature, constants, options)
+    for fn, signature, constants, options in launches.values():
+        triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32), options=options)
+    print(f"compiled {len(launches)} launches of {len({fn for fn, *_ in launches.values()})} kernels")
+
+
+def decode_launches() -> list:
+    """(kernel, args, kwargs) of every launch of the fused decode path on small models, recorded, not run."""
+    launches = []
+
+    class Recorded:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.fn, args, kwargs))
+
+    names = ["_pending_norm_kernel", "_linear_kernel", "_qkv_rotary_kernel", "_attention_kernel", "_merge_kernel"]
+    originals = {name: getattr(kernels, name) for name in names + ["_interpreting"]}
+    for name in names:
+        setattr(kernels, name, Recorded(originals[name]))
+    try:
+        kernels._interpreting = lambda: False  # the PTX path
+        for dtype, bits in [(d, b) for d in (torch.bfloat16, torch.float32) for b in (16, 8, 4)]:
+            model = kernel_model(dtype, "cpu")
+            model = model if bits == 16 else quant.quantized_copy(model, bits)
+            tokens, pos = torch.zeros(2, 3, dtype=torch.long), torch.arange(3).expand(2, 3)
+            draft = model.new_cache(2, 40, invariant=False)  # DRAFT_SPLIT
+            fused_logits(model, tokens, pos, model.new_cache(2, 1200), mirror=draft)
+            fused_logits(model, tokens, pos, draft)
+            if bits == 4:  # kernel_model's groups are 128 and 32 inputs
+                group_64 = quant.Int4Linear(torch.nn.Linear(192, 64, dtype=dtype))
+                kernels.linear(torch.zeros(3, 192, dtype=dtype), group_64.decode_weights())
+        # And one launch of the int4 product's plain-Triton twin, which the GPU tests compile to compare with the PTX
+        # path (its larger launches take minutes to compile; they share the twin's code with this one).
+        kernels._interpreting = lambda: True
+        group_32 = quant.Int4Linear(torch.nn.Linear(96, 64, dtype=torch.bfloat16))
+        kernels.linear(torch.zeros(3, 96, dtype=torch.bfloat16), group_32.decode_weights())
+    finally:
+        for name, fn in originals.items():
+            setattr(kernels, name, fn)
+    return launches
+
+
+def triton_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
+                      torch.int32: "i32", torch.int8: "i8"}[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    return "fp32"
 
 
 # ---------------------------------------------------------------------------------------------- tensor parallel
