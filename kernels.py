@@ -737,26 +737,28 @@ if triton is not None:
     def _merge_kernel(Part, Lse, Lengths, Out, T, spr, sps, slr, som, N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                       BLOCK_S: tl.constexpr, SPLIT: tl.constexpr):
         # One program: one (sequence, token, query head). Its splits are combined by their log-sum-exp (base 2, as
-        # the attention kernel stores it) in a fixed order: BLOCK_S at a time, by the same reduction tree; splits
-        # past the row's end weigh exactly 0.
+        # the attention kernel stores it) in one pass, BLOCK_S at a time and in a fixed order: each block's weights
+        # and pieces are loaded together, and the sums so far rescaled to the block's maximum. A row sees every
+        # split before its end, and none is empty.
         row = tl.program_id(0)  # (b * T + t) * N_HEADS + head
         b, t, head = row // (T * N_HEADS), (row // N_HEADS) % T, row % N_HEADS
         n = tl.cdiv(tl.load(Lengths + b) + t + 1, SPLIT)
         s = tl.arange(0, BLOCK_S)
         d = tl.arange(0, HEAD_DIM)
-        top = tl.full([BLOCK_S], float("-inf"), tl.float32)
-        for s0 in range(0, n, BLOCK_S):
-            top = tl.maximum(top, tl.load(Lse + row * slr + s0 + s, mask=s0 + s < n, other=float("-inf")))
-        top_all = tl.max(top, 0)
-        total = tl.zeros([BLOCK_S], tl.float32)
+        top = tl.full([], float("-inf"), tl.float32)
+        total = tl.zeros([], tl.float32)
         acc = tl.zeros([HEAD_DIM], tl.float32)
         for s0 in range(0, n, BLOCK_S):
             ok = s0 + s < n
-            weight = tl.exp2(tl.load(Lse + row * slr + s0 + s, mask=ok, other=float("-inf")) - top_all)
+            lse = tl.load(Lse + row * slr + s0 + s, mask=ok, other=float("-inf"))
             part = tl.load(Part + row * spr + (s0 + s)[:, None] * sps + d[None, :], mask=ok[:, None], other=0.0)
-            total += weight
-            acc += tl.sum(weight[:, None] * part, 0)
-        out = acc / tl.sum(total, 0)
+            new_top = tl.maximum(top, tl.max(lse, 0))
+            rescale = tl.exp2(top - new_top)  # 0 at the first block
+            weight = tl.exp2(lse - new_top)
+            total = total * rescale + tl.sum(weight, 0)
+            acc = acc * rescale + tl.sum(weight[:, None] * part, 0)
+            top = new_top
+        out = acc / total
         tl.store(Out + (b * T + t) * som + head * HEAD_DIM + d, out.to(Out.dtype.element_ty))
 
 

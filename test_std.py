@@ -964,7 +964,8 @@ def test_decode_linear_matches_the_reference_path(bits, rows):
 
 @pytest.mark.parametrize("batch,new,heads,kv_heads,head_dim", [(1, 1, 4, 2, 16), (2, 7, 8, 2, 32), (3, 3, 6, 3, 64)])
 @pytest.mark.parametrize("split", [kernels.SPLIT, kernels.DRAFT_SPLIT])
-def test_decode_attention_matches_sdpa(batch, new, heads, kv_heads, head_dim, split):
+def test_decode_attention_matches_sdpa(batch, new, heads, kv_heads, head_dim, split, monkeypatch):
+    """Also with the merge taking the pieces a few at a time, as it does past MERGE_BLOCK pieces (long caches)."""
     device = gpu_or_interpreter()
     gen = torch.Generator(device).manual_seed(batch)
     capacity = 1300  # two pieces of SPLIT slots, eleven of DRAFT_SPLIT
@@ -975,9 +976,11 @@ def test_decode_attention_matches_sdpa(batch, new, heads, kv_heads, head_dim, sp
     for b in range(batch):  # nothing past a sequence's filled part may be read
         k[b, :, lengths[b] + new :] = float("nan")
         v[b, :, lengths[b] + new :] = float("nan")
-    out = kernels.decode_attention(q.flatten(2), model_lib.LayerCache(k, v, lengths, split))
     reference = model_lib.attend_cache(q, model_lib.LayerCache(torch.nan_to_num(k), torch.nan_to_num(v), lengths))
-    assert (out - reference).abs().max() < 1e-5
+    for merge_block in (kernels.MERGE_BLOCK, 4):
+        monkeypatch.setattr(kernels, "MERGE_BLOCK", merge_block)
+        out = kernels.decode_attention(q.flatten(2), model_lib.LayerCache(k, v, lengths, split))
+        assert (out - reference).abs().max() < 1e-5
 
 
 def kernel_model(dtype, device):
