@@ -9,8 +9,9 @@ A decoder layer's step on a GPU is six launches:
 and the head is `linear(x, lm_head)`. The RMSNorms have no launches of their own: a product that writes the residual
 stream also writes it times the next norm's weight and its sums of squares (`PendingNorm`), and the product that
 reads it scales its sums by 1 / rms. Weights come as bfloat16/float32, int8 or int4 (`Weights`); int4 products run
-on the tensor cores with the weights straight from registers (inline PTX) and are not batch-invariant, which they
-need not be: only drafts run int4.
+on the tensor cores with the weights straight from registers (inline PTX) and are neither batch-invariant nor
+deterministic (a split product adds its pieces with atomics), which they need not be: only drafts run int4, and the
+dense model checks every token a draft proposes.
 
 Batch invariance (16 and 8 bits): a row's arithmetic never depends on the other rows of the call. Rows go through
 in tiles of ROW_TILE whatever their number, every reduction runs in a fixed order over blocks that depend only on the
@@ -45,12 +46,14 @@ class Weights(NamedTuple):
     bits 16: `data` [N, K] in the activations' dtype.  bits 8: int8 [N, K], w = data * scale[n].
     bits 4: `data` [N / 16, K / group, 32, group / 16] int32, eight 4-bit q a word in the tensor cores' operand
     layout (quant._pack); `scale` [K / group, N] int32, a bfloat16 scale in the low half and a zero in the high;
-    w = (q - 8) * scale + zero; `counters` [INT4_PROGRAMS] int32 zeros (split K)."""
+    w = (q - 8) * scale + zero; for split K, `counters` [INT4_PROGRAMS] int32 and `sums` [INT4_PROGRAMS / 2 *
+    INT4_ROWS * INT4_COLUMNS] float32, zeros, as every launch leaves them."""
     data: torch.Tensor
     bias: torch.Tensor | None = None
     bits: int = 16
     scale: torch.Tensor | None = None
     counters: torch.Tensor | None = None
+    sums: torch.Tensor | None = None
 
     @property
     def out_features(self) -> int:
@@ -324,24 +327,20 @@ if triton is not None:
         return tl.reshape(tl.permute(tl.reshape(acc, (ROWS, 2, BLOCK_N // 2)), (0, 2, 1)), (ROWS, BLOCK_N))
 
     @triton.jit
-    def _split_sum(acc, Partial, Counters, splits, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-        """K split over program_id(2): each piece of a tile leaves its sums, and the last program of the tile to
-        arrive adds them all in order (the same sum whichever arrives last). -> (the sum, True) in that program,
-        (acc, False) in the others, a row vector."""
+    def _split_sum(acc, Sums, Counters, splits, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """K split over program_id(2): each piece of a tile adds its sums into the tile's float32 sums (atomics, so
+        in the order the pieces arrive: int4 drafts need not be deterministic), and the last program of the tile to
+        arrive reads them back and leaves zeros. -> (the sum, True) in that program, (zeros, False) in the others, the
+        flag a row vector."""
         tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        tile_size: tl.constexpr = ROWS * BLOCK_N
-        every_tile = tl.num_programs(0) * tl.num_programs(1) * tile_size
-        at = Partial + tile * tile_size + tl.arange(0, ROWS)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        tl.store(at + tl.program_id(2) * every_tile, acc)
-        tl.debug_barrier()  # every thread's sums are written before the count says so
+        at = Sums + tile * ROWS * BLOCK_N + tl.arange(0, ROWS)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tl.atomic_add(at, acc, sem="relaxed")
+        tl.debug_barrier()  # every thread's sums are added before the count says so
         arrived = tl.atomic_add(Counters + tile, 1, sem="acq_rel")
         last = (tl.zeros([ROWS], tl.int32) + arrived) == splits - 1  # a vector: Triton's interpreter needs one
-        total = tl.zeros([ROWS, BLOCK_N], tl.float32)
-        for piece in range(0, splits, 4):
-            for u in tl.static_range(4):  # four loads in flight at a time, added in order
-                ok = last & (tl.zeros([ROWS], tl.int32) + piece + u < splits)
-                total += tl.load(at + (piece + u) * every_tile, mask=ok[:, None], other=0.0, cache_modifier=".cg")
-        tl.store(Counters + tile, 0, mask=arrived == splits - 1)  # ready for the next launch
+        total = tl.load(at, mask=last[:, None], other=0.0, cache_modifier=".cg")
+        tl.store(at, tl.zeros([ROWS, BLOCK_N], tl.float32), mask=last[:, None])  # ready for the next launch
+        tl.store(Counters + tile, 0, mask=arrived == splits - 1)
         return total, last
 
 
@@ -404,7 +403,7 @@ if triton is not None:
 
     @triton.jit
     def _linear_kernel(X, sxm, W, swn, Scale, Bias, Res, srm, Y, sym, M, N, K, InSquares, sisq, P, eps, NormWeight,
-                       Scaled, sscm, OutSquares, sosq, Partial, Counters, groups_each, splits, BITS: tl.constexpr,
+                       Scaled, sscm, OutSquares, sosq, Sums, Counters, groups_each, splits, BITS: tl.constexpr,
                        HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr, NORM_IN: tl.constexpr,
                        NORM_OUT: tl.constexpr, P_BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, PTX: tl.constexpr):
@@ -434,7 +433,7 @@ if triton is not None:
                 acc = _int4_product(X, sxm, pid_m, M, W, Scale, pid_n * BLOCK_N, BLOCK_N // 2, N, K, groups_each,
                                     InSquares, sisq, P, eps, NORM_IN, P_BLOCK, ROWS, BLOCK_N, BLOCK_K, PTX)
             if SPLIT:  # only the last program of a tile goes on, with the whole sum
-                acc, last = _split_sum(acc, Partial, Counters, splits, ROWS, BLOCK_N)
+                acc, last = _split_sum(acc, Sums, Counters, splits, ROWS, BLOCK_N)
                 row_ok = row_ok & last
         else:
             acc = _product(X, sxm, rows, row_ok, W, swn, Scale, cols, col_ok, K, InSquares, sisq, P, eps, BITS,
@@ -458,7 +457,7 @@ if triton is not None:
     def _qkv_rotary_kernel(X, sxm, W, swn, Scale, Bias, Pos, InvFreq, Q, sqm, T,
                            K1, V1, L1, sk1b, sk1h, sk1s, sv1b, sv1h, sv1s,
                            K2, V2, L2, sk2b, sk2h, sk2s, sv2b, sv2h, sv2s, M, N, K, InSquares, sisq, P, eps,
-                           Partial, Counters, groups_each, splits, N_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr,
+                           Sums, Counters, groups_each, splits, N_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr,
                            HEAD_DIM: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, MIRROR: tl.constexpr,
                            P_BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            SPLIT: tl.constexpr, PRECISION: tl.constexpr, PTX: tl.constexpr):
@@ -487,7 +486,7 @@ if triton is not None:
                                 BLOCK_N, BLOCK_K, PTX)
             acc = _interleaved(acc, ROWS, BLOCK_N)
             if SPLIT:  # only the last program of a tile goes on, with the whole sum
-                acc, last = _split_sum(acc, Partial, Counters, splits, ROWS, BLOCK_N)
+                acc, last = _split_sum(acc, Sums, Counters, splits, ROWS, BLOCK_N)
                 row_ok = row_ok & last
         else:
             acc = _product(X, sxm, rows, row_ok, W, swn, Scale, cols, cols < N, K, InSquares, sisq, P, eps, BITS,
@@ -557,7 +556,7 @@ def _blocks(w: Weights, K: int, columns: int | None = None) -> dict:
                 num_stages=6 if K // block_k > 32 else 4)
 
 
-def _split_k(w: Weights, K: int, blocks: dict, grid: tuple, device) -> tuple[tuple, dict]:
+def _split_k(w: Weights, K: int, blocks: dict, grid: tuple) -> tuple[tuple, dict]:
     """The launch grid with its pieces of K, and the kernel's split arguments. int4 products with at most
     INT4_PROGRAMS / 2 tiles are cut along K (a piece a whole number of groups); other products are not split."""
     tiles = grid[0] * grid[1]
@@ -565,10 +564,8 @@ def _split_k(w: Weights, K: int, blocks: dict, grid: tuple, device) -> tuple[tup
     splits = max(1, min(groups, INT4_PROGRAMS // tiles)) if w.bits == 4 else 1
     groups_each = triton.cdiv(groups, splits)
     splits = triton.cdiv(groups, groups_each)
-    partial = (torch.empty(splits * tiles * blocks["ROWS"] * blocks["BLOCK_N"], device=device, dtype=torch.float32)
-               if splits > 1 else w.data)  # only splits > 1 use these two, with at most INT4_PROGRAMS / 2 tiles
-    counters = w.counters if splits > 1 else w.data
-    return (*grid, splits), dict(Partial=partial, Counters=counters, groups_each=groups_each, splits=splits,
+    sums, counters = (w.sums, w.counters) if splits > 1 else (w.data, w.data)  # unread without a split
+    return (*grid, splits), dict(Sums=sums, Counters=counters, groups_each=groups_each, splits=splits,
                                  SPLIT=splits > 1, PTX=not _interpreting())
 
 
@@ -628,7 +625,7 @@ def linear(x: torch.Tensor | PendingNorm, w: Weights, residual: torch.Tensor | N
                         sosq=squares.stride(0))
     else:
         norm_out = dict(NormWeight=y, Scaled=y, sscm=0, OutSquares=y, sosq=0)
-    launch, split = _split_k(w, K, blocks, grid, x.device)
+    launch, split = _split_k(w, K, blocks, grid)
     _linear_kernel[launch](
         flat, flat.stride(0), data, swn, scale, w.bias if w.bias is not None else flat, res, res.stride(0), y,
         y.stride(0), M, N, K, HAS_BIAS=w.bias is not None, RESIDUAL=residual is not None, GATED=gated,
@@ -664,7 +661,7 @@ def qkv_rotary(x: PendingNorm, w: Weights, pos: torch.Tensor, inv_freq: torch.Te
     blocks = _blocks(w, K, columns=D)
     q = torch.empty(B * T, n_heads * D, device=flat.device, dtype=flat.dtype)
     other = mirror if mirror is not None else cache
-    launch, split = _split_k(w, K, blocks, (triton.cdiv(B * T, blocks["ROWS"]), N // blocks["BLOCK_N"]), flat.device)
+    launch, split = _split_k(w, K, blocks, (triton.cdiv(B * T, blocks["ROWS"]), N // blocks["BLOCK_N"]))
     _qkv_rotary_kernel[launch](
         flat, flat.stride(0), data, swn, scale, w.bias if w.bias is not None else flat,
         pos.reshape(-1).contiguous(), inv_freq, q, q.stride(0), T,

@@ -64,12 +64,16 @@ class Int4Linear(nn.Module):
         pairs = torch.stack([scale, zero], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()  # [K / group, N, 2]
         # One int32 a pair, as the kernel loads it; as an integer it also stays bfloat16 through model.to(dtype).
         self.register_buffer("scale_and_zero", pairs.view(torch.int32).squeeze(-1))
+        # A split product's count of arrived pieces and their sums, per tile (kernels._split_sum).
         self.register_buffer("counters", torch.zeros(kernels.INT4_PROGRAMS, dtype=torch.int32, device=w.device),
                              persistent=False)
+        self.register_buffer("sums", torch.zeros(kernels.INT4_PROGRAMS // 2 * kernels.INT4_ROWS * kernels.INT4_COLUMNS,
+                                                 dtype=torch.float32, device=w.device), persistent=False)
         self.bias = linear.bias
 
     def decode_weights(self) -> Weights:
-        return Weights(self.packed, self.bias, bits=4, scale=self.scale_and_zero, counters=self.counters)
+        return Weights(self.packed, self.bias, bits=4, scale=self.scale_and_zero, counters=self.counters,
+                       sums=self.sums)
 
     def scale_and_zero_bf16(self) -> torch.Tensor:
         """[K / group, N, 2] bfloat16: PyTorch's int4 kernels' layout."""

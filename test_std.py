@@ -866,7 +866,7 @@ def test_int4_weights_follow_the_convention_of_pytorchs_int4_kernels():
 def test_int4_kernel_multiplies_by_the_dequantized_weights(rows, n, k, programs, monkeypatch):
     """kernels.linear with int4 weights: one row tile or several, K split into pieces of one group or of several
     (programs: fewer programs than usual, so that a program takes several groups, odd and even counts), a partial
-    column block; the split counters are left at zero for the next launch. On a GPU also against tinygemm, fed the
+    column block; the split's counters and sums are left at zero for the next launch. On a GPU also against tinygemm, fed the
     same q, and against its plain-Triton twin, which is what the CPU's interpreter runs in its place."""
     device = gpu_or_interpreter()
     if programs is not None:
@@ -877,7 +877,7 @@ def test_int4_kernel_multiplies_by_the_dequantized_weights(rows, n, k, programs,
     out = kernels.linear(x, quantized.decode_weights()).float()
     reference = torch.nn.functional.linear(x.float(), quantized.dequantized(torch.float32), quantized.bias.float())
     assert (out - reference).abs().max() < 1e-2 * reference.abs().max()  # inputs and output in bfloat16
-    assert not quantized.counters.any()
+    assert not quantized.counters.any() and not quantized.sums.any()
     with pytest.raises(TypeError, match="int4 products take bfloat16 or float32"):
         kernels.linear(x.half(), quantized.decode_weights())
     if n % 32:  # gate and up of n / 2 columns each: a tile of 16 must not hold both
