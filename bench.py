@@ -794,8 +794,9 @@ def median_ms(fn, reps: int = 50, before=None) -> float:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of weights one decode step reads: every decoder layer and the head (one embedding row aside)."""
-    tensors = {id(t): t for m in (model.layers, model.norm, model.lm_head) for t in (*m.parameters(), *m.buffers())}
+    """Bytes of weights one decode step reads: every decoder layer and the head (one embedding row aside). Scratch
+    buffers (an int4 product's split counters and sums) are not saved with a model, and not counted."""
+    tensors = {t.data_ptr(): t for m in (model.layers, model.norm, model.lm_head) for t in m.state_dict().values()}
     return sum(t.nbytes for t in tensors.values())
 
 

@@ -1419,6 +1419,19 @@ def test_bench_refuses_bad_flags(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_bench_floors_count_the_weights_a_step_reads_not_scratch():
+    """An int4 draft's floor: its packed weights, scales and zeros, biases and norms; not its split counters and sums,
+    which are scratch no step reads whole."""
+    import bench as bench_lib
+
+    drafter = quant.quantized_copy(kernel_model(torch.float32, "cpu"), 4)
+    int4 = [m for m in (*drafter.layers.modules(), drafter.lm_head) if isinstance(m, quant.Int4Linear)]
+    norms = [m.weight for m in (*drafter.layers.modules(), drafter.norm) if isinstance(m, model_lib.RMSNorm)]
+    weights = [t for m in int4 for t in (m.packed, m.scale_and_zero, m.bias) if t is not None] + norms
+    assert len(int4) == 4 * len(drafter.layers) + 1
+    assert bench_lib.weight_bytes(drafter) == sum(t.nbytes for t in weights)
+
+
 def test_bench_refuses_a_one_shot_all_reduce_it_cannot_run(monkeypatch, capsys):
     import bench as bench_lib
 
