@@ -866,8 +866,9 @@ def test_int4_weights_follow_the_convention_of_pytorchs_int4_kernels():
 def test_int4_kernel_multiplies_by_the_dequantized_weights(rows, n, k, programs, monkeypatch):
     """kernels.linear with int4 weights: one row tile or several, K split into pieces of one group or of several
     (programs: fewer programs than usual, so that a program takes several groups, odd and even counts), a partial
-    column block; the split's counters and sums are left at zero for the next launch. On a GPU also against tinygemm, fed the
-    same q, and against its plain-Triton twin, which is what the CPU's interpreter runs in its place."""
+    column block; the split's counters and sums are left at zero for the next launch. On a GPU also against
+    tinygemm, fed the same q, and against its plain-Triton twin, which is what the CPU's interpreter runs in its
+    place."""
     device = gpu_or_interpreter()
     if programs is not None:
         monkeypatch.setattr(kernels, "INT4_PROGRAMS", programs)
@@ -1088,7 +1089,8 @@ def test_every_decode_kernel_compiles_for_hopper_here():
     """The kernels as a GPU compiles them: the interpreter above runs the int4 product's plain-Triton twin, never its
     inline PTX, so every launch of the decode path (bfloat16 and float32; 16-, 8- and 4-bit weights, groups of 32, 64
     and 128; split and not; both attention splits) is compiled here to sm_90 machine code, Triton's front end and
-    ptxas included, with no GPU. What they refuse differs between Triton versions: this file on a GPU checks the GPU's."""
+    ptxas included, with no GPU. What they refuse differs between Triton versions: this file on a GPU checks the
+    GPU's."""
     pytest.importorskip("triton")
     run = subprocess.run([sys.executable, "-c", "import test_std; test_std.compile_the_decode_kernels_for_hopper()"],
                          cwd=HERE, env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True)
