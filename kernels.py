@@ -46,8 +46,8 @@ class Weights(NamedTuple):
     bits 16: `data` [N, K] in the activations' dtype.  bits 8: int8 [N, K], w = data * scale[n].
     bits 4: `data` [N / 16, K / group, 32, group / 16] int32, eight 4-bit q a word in the tensor cores' operand
     layout (quant._pack); `scale` [K / group, N] int32, a bfloat16 scale in the low half and a zero in the high;
-    w = (q - 8) * scale + zero; for split K, `counters` [INT4_PROGRAMS] int32 and `sums` [INT4_PROGRAMS / 2 *
-    INT4_ROWS * INT4_COLUMNS] float32, zeros, as every launch leaves them."""
+    w = (q - 8) * scale + zero; for split K, `counters` [INT4_PROGRAMS] int32 and `sums` [split_sums(N)]
+    float32, zeros, as every launch leaves them."""
     data: torch.Tensor
     bias: torch.Tensor | None = None
     bits: int = 16
@@ -556,6 +556,13 @@ def _blocks(w: Weights, K: int, columns: int | None = None) -> dict:
                 num_stages=6 if K // block_k > 32 else 4)
 
 
+def split_sums(out_features: int) -> int:
+    """The float32 sums an int4 weight keeps for its split products: a tile's for each of the most tiles a split
+    product of out_features columns has (at most INT4_PROGRAMS / 2; none if one row of tiles is more)."""
+    columns = -(-out_features // INT4_COLUMNS)
+    return INT4_PROGRAMS // 2 // columns * columns * INT4_ROWS * INT4_COLUMNS
+
+
 def _split_k(w: Weights, K: int, blocks: dict, grid: tuple) -> tuple[tuple, dict]:
     """The launch grid with its pieces of K, and the kernel's split arguments. int4 products with at most
     INT4_PROGRAMS / 2 tiles are cut along K (a piece a whole number of groups); other products are not split."""
@@ -564,6 +571,9 @@ def _split_k(w: Weights, K: int, blocks: dict, grid: tuple) -> tuple[tuple, dict
     splits = max(1, min(groups, INT4_PROGRAMS // tiles)) if w.bits == 4 else 1
     groups_each = triton.cdiv(groups, splits)
     splits = triton.cdiv(groups, groups_each)
+    if splits > 1 and tiles * blocks["ROWS"] * blocks["BLOCK_N"] > w.sums.numel():
+        raise ValueError(f"a split int4 product needs {tiles * blocks['ROWS'] * blocks['BLOCK_N']} sums and its "
+                         f"weight keeps {w.sums.numel()}: it was built with a smaller kernels.INT4_PROGRAMS")
     sums, counters = (w.sums, w.counters) if splits > 1 else (w.data, w.data)  # unread without a split
     return (*grid, splits), dict(Sums=sums, Counters=counters, groups_each=groups_each, splits=splits,
                                  SPLIT=splits > 1, PTX=not _interpreting())

@@ -67,8 +67,8 @@ class Int4Linear(nn.Module):
         # A split product's count of arrived pieces and their sums, per tile (kernels._split_sum).
         self.register_buffer("counters", torch.zeros(kernels.INT4_PROGRAMS, dtype=torch.int32, device=w.device),
                              persistent=False)
-        self.register_buffer("sums", torch.zeros(kernels.INT4_PROGRAMS // 2 * kernels.INT4_ROWS * kernels.INT4_COLUMNS,
-                                                 dtype=torch.float32, device=w.device), persistent=False)
+        self.register_buffer("sums", torch.zeros(kernels.split_sums(N), dtype=torch.float32, device=w.device),
+                             persistent=False)
         self.bias = linear.bias
 
     def decode_weights(self) -> Weights:

@@ -861,6 +861,30 @@ def test_int4_weights_follow_the_convention_of_pytorchs_int4_kernels():
     assert (kernel.float() - reference).abs().max() < 1e-2 * reference.abs().max()
 
 
+def test_every_split_int4_product_fits_its_weights_sums():
+    """The sums an int4 weight keeps (kernels.split_sums) hold every tile of every product the decode path splits:
+    the presets' matrices, whole and as one of two tensor-parallel ranks has them, at 1 to 16 x 9 rows."""
+    pytest.importorskip("triton")
+    for config in load.PRESETS.values():
+        D = config.head_dim
+        for ranks in (1, 2):
+            for N, K, columns in [((config.n_heads + 2 * config.n_kv_heads) * D // ranks, config.dim, D),  # q/k/v
+                                  (config.dim, config.n_heads * D // ranks, None),  # o
+                                  (2 * config.intermediate_size // ranks, config.dim, None),  # gate and up
+                                  (config.dim, config.intermediate_size // ranks, None),  # down
+                                  (config.vocab_size, config.dim, None)]:  # head
+                group = next(g for g in (128, 64, 32) if K % g == 0)
+                w = kernels.Weights(torch.empty(N // 16, K // group, 32, group // 16, dtype=torch.int32, device="meta"),
+                                    bits=4, scale=torch.empty(K // group, N, dtype=torch.int32, device="meta"),
+                                    sums=torch.empty(kernels.split_sums(N), device="meta"))
+                blocks = kernels._blocks(w, K, columns)
+                for rows in range(1, 16 * 9 + 1):
+                    grid = (-(-rows // blocks["ROWS"]), -(-N // blocks["BLOCK_N"]))
+                    launch, split = kernels._split_k(w, K, blocks, grid)
+                    tiles = grid[0] * grid[1]
+                    assert not split["SPLIT"] or tiles * blocks["ROWS"] * blocks["BLOCK_N"] <= w.sums.numel()
+
+
 @pytest.mark.parametrize("rows,n,k,programs", [(1, 96, 256, None), (5, 208, 384, None), (9, 64, 96, None),
                                                (1, 48, 4096, None), (3, 64, 160, 1), (2, 48, 640, 1), (1, 32, 1024, 4)])
 def test_int4_kernel_multiplies_by_the_dequantized_weights(rows, n, k, programs, monkeypatch):
