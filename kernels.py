@@ -46,8 +46,8 @@ class Weights(NamedTuple):
     bits 16: `data` [N, K] in the activations' dtype.  bits 8: int8 [N, K], w = data * scale[n].
     bits 4: `data` [N / 16, K / group, 32, group / 16] int32, eight 4-bit q a word in the tensor cores' operand
     layout (quant._pack); `scale` [K / group, N] int32, a bfloat16 scale in the low half and a zero in the high;
-    w = (q - 8) * scale + zero; for split K, `counters` [INT4_PROGRAMS] int32 and `sums` [split_sums(N)]
-    float32, zeros, as every launch leaves them."""
+    w = (q - 8) * scale + zero; for split K, `counters` [INT4_PROGRAMS] and `sums` [split_sums(N)] int32 zeros
+    (the sums read as float32), as every launch leaves them."""
     data: torch.Tensor
     bias: torch.Tensor | None = None
     bits: int = 16
@@ -333,7 +333,8 @@ if triton is not None:
         arrive reads them back and leaves zeros. -> (the sum, True) in that program, (zeros, False) in the others, the
         flag a row vector."""
         tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        at = Sums + tile * ROWS * BLOCK_N + tl.arange(0, ROWS)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        at = (Sums.to(tl.pointer_type(tl.float32)) + tile * ROWS * BLOCK_N + tl.arange(0, ROWS)[:, None] * BLOCK_N
+              + tl.arange(0, BLOCK_N)[None, :])
         tl.atomic_add(at, acc, sem="relaxed")
         tl.debug_barrier()  # every thread's sums are added before the count says so
         arrived = tl.atomic_add(Counters + tile, 1, sem="acq_rel")

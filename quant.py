@@ -64,10 +64,11 @@ class Int4Linear(nn.Module):
         pairs = torch.stack([scale, zero], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()  # [K / group, N, 2]
         # One int32 a pair, as the kernel loads it; as an integer it also stays bfloat16 through model.to(dtype).
         self.register_buffer("scale_and_zero", pairs.view(torch.int32).squeeze(-1))
-        # A split product's count of arrived pieces and their sums, per tile (kernels._split_sum).
+        # A split product's count of arrived pieces and their float32 sums, per tile (kernels._split_sum); the sums
+        # are kept as int32 zeros, which the kernel reads as float32, so that model.to(dtype) leaves them alone.
         self.register_buffer("counters", torch.zeros(kernels.INT4_PROGRAMS, dtype=torch.int32, device=w.device),
                              persistent=False)
-        self.register_buffer("sums", torch.zeros(kernels.split_sums(N), dtype=torch.float32, device=w.device),
+        self.register_buffer("sums", torch.zeros(kernels.split_sums(N), dtype=torch.int32, device=w.device),
                              persistent=False)
         self.bias = linear.bias
 

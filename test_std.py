@@ -841,10 +841,12 @@ def test_quantized_linears_stay_close_to_the_weights(bits):
 
 
 def test_int4_weights_keep_their_values_through_a_dtype_change():
-    """model.to(dtype) turns floating buffers; int4's scales and zeros are stored as integers and stay bfloat16."""
+    """model.to(dtype) turns floating buffers; int4's scales and zeros are stored as integers and stay bfloat16, and
+    the split products' sums stay float32."""
     quantized = quant.Int4Linear(torch.nn.Linear(64, 32))
     moved = copy.deepcopy(quantized).double()
     assert torch.equal(moved.decode_weights().scale, quantized.decode_weights().scale)  # what the GPU kernel reads
+    assert torch.equal(moved.decode_weights().sums, quantized.decode_weights().sums)  # int32, read as float32
     assert torch.equal(moved.dequantized(torch.float32), quantized.dequantized(torch.float32))
 
 
