@@ -19,6 +19,9 @@ shapes of the weights, and attention cuts the cache at fixed absolute slots (eve
 length). So a verify pass over gamma + 1 tokens computes each token's logits and keys/values bit for bit as one-token
 dense steps would, and speculative decoding in bfloat16 emits exactly the tokens of bfloat16 dense decoding.
 
+Each launch is a custom op (torch.library), so that torch.compile calls it as it is, launch settings and all, and
+compiles the layer around it.
+
 Importing this file needs no Triton; calling a kernel does (it ships with CUDA builds of PyTorch, and runs on the CPU
 under TRITON_INTERPRET=1, which the tests use).
 """
@@ -95,6 +98,8 @@ def needs_triton(x: torch.Tensor) -> None:
 INT4_PROGRAMS = 512  # K is split until an int4 product has about this many programs: a small matrix needs them
 INT4_ROWS = 8  # rows a program: the n of the tensor cores' m16n8k16 product, whatever the call's rows
 INT4_COLUMNS = 64  # output columns a program, 16 a warp
+INT4_SPLIT_REGISTERS = 128  # a split int4 product's registers a thread: left to itself ptxas gives it fewer and
+# holds its loads back (BENCHMARKS.md, section 8)
 
 
 if triton is not None:
@@ -576,8 +581,9 @@ def _split_k(w: Weights, K: int, blocks: dict, grid: tuple) -> tuple[tuple, dict
         raise ValueError(f"a split int4 product needs {tiles * blocks['ROWS'] * blocks['BLOCK_N']} sums and its "
                          f"weight keeps {w.sums.numel()}: it was built with a smaller kernels.INT4_PROGRAMS")
     sums, counters = (w.sums, w.counters) if splits > 1 else (w.data, w.data)  # unread without a split
+    budget = dict(maxnreg=INT4_SPLIT_REGISTERS) if splits > 1 else {}
     return (*grid, splits), dict(Sums=sums, Counters=counters, groups_each=groups_each, splits=splits,
-                                 SPLIT=splits > 1, PTX=not _interpreting())
+                                 SPLIT=splits > 1, PTX=not _interpreting(), **budget)
 
 
 def _block_k(K: int, largest: int) -> int:
@@ -588,22 +594,38 @@ def _precision(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"  # float32 exactly; tf32 is ignored for 16-bit inputs
 
 
+# The launches as custom ops. Traced into by torch.compile, a launch would keep only num_warps and num_stages of its
+# settings (Inductor's configs for Triton kernels), and the split int4 products would lose their register budget. An
+# op declares what it changes for good (the caches); an int4 weight's counters and sums it leaves as it found them.
+# Weights go in as their fields, in the NamedTuple's order.
+
+
 def pending_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> PendingNorm:
     """x [..., K] pending RMSNorm(weight, eps), for a product to finish; one program a row."""
     needs_triton(x)
+    return PendingNorm(x, *_pending_norm(x, weight), eps)
+
+
+@torch.library.custom_op("std_decoding::pending_norm", mutates_args=())
+def _pending_norm(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     scaled = torch.empty_like(flat)
     squares = torch.empty(flat.shape[0], 1, device=x.device, dtype=torch.float32)
     K = flat.shape[1]
     _pending_norm_kernel[(flat.shape[0],)](flat, flat.stride(0), weight, scaled, scaled.stride(0), squares,
                                            squares.stride(0), K=K, BLOCK=triton.next_power_of_2(K), num_warps=8)
-    return PendingNorm(x, scaled.view(x.shape), squares, eps)
+    return scaled.view(x.shape), squares
 
 
-def _finish_norm(x: PendingNorm) -> dict:
-    """The arguments with which a product finishes x's norm."""
-    P = x.squares.shape[1]
-    return dict(InSquares=x.squares, sisq=x.squares.stride(0), P=P, eps=x.eps, P_BLOCK=triton.next_power_of_2(P))
+@_pending_norm.register_fake
+def _(x, weight):
+    return x.new_empty(x.shape), x.new_empty(x.numel() // x.shape[-1], 1, dtype=torch.float32)
+
+
+def _finish_norm(squares: torch.Tensor, eps: float) -> dict:
+    """The arguments with which a product finishes a norm pending with these squares."""
+    P = squares.shape[1]
+    return dict(InSquares=squares, sisq=squares.stride(0), P=P, eps=eps, P_BLOCK=triton.next_power_of_2(P))
 
 
 def linear(x: torch.Tensor | PendingNorm, w: Weights, residual: torch.Tensor | None = None, gated: bool = False,
@@ -613,40 +635,69 @@ def linear(x: torch.Tensor | PendingNorm, w: Weights, residual: torch.Tensor | N
     gated: w holds gate then up (N = 2 I rows) and the result is SiLU(x @ gate^T) * (x @ up^T), [..., I].
     then_norm (weight, eps): the result comes pending that RMSNorm (a PendingNorm), for the next product.
     """
-    pending = x if isinstance(x, PendingNorm) else None
-    x = pending.scaled if pending else x
+    x, squares, eps = (x.scaled, x.squares, x.eps) if isinstance(x, PendingNorm) else (x, None, 0.0)
     needs_triton(x)
+    norm_weight, norm_eps = then_norm if then_norm is not None else (None, 0.0)
+    out = _linear(x, squares, eps, *w, residual, gated, norm_weight)
+    return out[0] if then_norm is None else PendingNorm(*out, norm_eps)
+
+
+@torch.library.custom_op("std_decoding::linear", mutates_args=())
+def _linear(x: torch.Tensor, squares: torch.Tensor | None, eps: float, data: torch.Tensor, bias: torch.Tensor | None,
+            bits: int, scale: torch.Tensor | None, counters: torch.Tensor | None, sums: torch.Tensor | None,
+            residual: torch.Tensor | None, gated: bool, norm_weight: torch.Tensor | None) -> list[torch.Tensor]:
+    """linear's launch (x pending a norm with these squares, or none): [y], or with a norm_weight [y, y times it, the
+    squares of y]."""
+    w = Weights(data, bias, bits, scale, counters, sums)
     flat = x.reshape(-1, x.shape[-1])
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
-    (M, K), rows_out = flat.shape, w.out_features
-    N = rows_out // 2 if gated else rows_out
+    (M, K), N = flat.shape, _out_columns(w, gated)
     if gated and w.bits == 4 and N % 16:
         raise ValueError(f"int4 gate/up products need an intermediate size a multiple of 16, got {N}")
     data, swn, scale = _weight_operands(w, x, K)
     blocks = _blocks(w, K)
-    norm_in = _finish_norm(pending) if pending else dict(InSquares=x, sisq=0, P=1, eps=0.0, P_BLOCK=1)
+    unnormed = dict(InSquares=x, sisq=0, P=1, eps=0.0, P_BLOCK=1)
+    norm_in = _finish_norm(squares, eps) if squares is not None else unnormed
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     res = residual.reshape(M, N) if residual is not None else y
-    grid = (triton.cdiv(M, blocks["ROWS"]), triton.cdiv(N, blocks["BLOCK_N"] // 2 if gated else blocks["BLOCK_N"]))
-    if then_norm is not None:
+    grid = (triton.cdiv(M, blocks["ROWS"]), _column_blocks(w, K, gated))
+    if norm_weight is not None:
         scaled = torch.empty_like(y)
-        squares = torch.empty(M, grid[1], device=x.device, dtype=torch.float32)  # a piece per column block
-        norm_out = dict(NormWeight=then_norm[0], Scaled=scaled, sscm=scaled.stride(0), OutSquares=squares,
-                        sosq=squares.stride(0))
+        out_squares = torch.empty(M, grid[1], device=x.device, dtype=torch.float32)  # a piece per column block
+        norm_out = dict(NormWeight=norm_weight, Scaled=scaled, sscm=scaled.stride(0), OutSquares=out_squares,
+                        sosq=out_squares.stride(0))
     else:
         norm_out = dict(NormWeight=y, Scaled=y, sscm=0, OutSquares=y, sosq=0)
     launch, split = _split_k(w, K, blocks, grid)
     _linear_kernel[launch](
         flat, flat.stride(0), data, swn, scale, w.bias if w.bias is not None else flat, res, res.stride(0), y,
         y.stride(0), M, N, K, HAS_BIAS=w.bias is not None, RESIDUAL=residual is not None, GATED=gated,
-        NORM_IN=pending is not None, NORM_OUT=then_norm is not None, PRECISION=_precision(x), **norm_in, **norm_out,
-        **split, **blocks,
+        NORM_IN=squares is not None, NORM_OUT=norm_weight is not None, PRECISION=_precision(x), **norm_in,
+        **norm_out, **split, **blocks,
     )
     y = y.view(*x.shape[:-1], N)
-    if then_norm is None:
-        return y
-    return PendingNorm(y, scaled.view(y.shape), squares, then_norm[1])
+    return [y] if norm_weight is None else [y, scaled.view(y.shape), out_squares]
+
+
+@_linear.register_fake
+def _(x, squares, eps, data, bias, bits, scale, counters, sums, residual, gated, norm_weight):
+    w = Weights(data, bias, bits, scale, counters, sums)
+    y = x.new_empty(*x.shape[:-1], _out_columns(w, gated))
+    if norm_weight is None:
+        return [y]
+    M, K = x.numel() // x.shape[-1], x.shape[-1]
+    return [y, y.new_empty(y.shape), x.new_empty(M, _column_blocks(w, K, gated), dtype=torch.float32)]
+
+
+def _out_columns(w: Weights, gated: bool) -> int:
+    return w.out_features // 2 if gated else w.out_features
+
+
+def _column_blocks(w: Weights, K: int, gated: bool) -> int:
+    """A product's programs along its output columns (a gated product's block holds gate and up columns)."""
+    block_n = _blocks(w, K)["BLOCK_N"]
+    return -(-_out_columns(w, gated) // (block_n // 2 if gated else block_n))
 
 
 def gated_linear(x: torch.Tensor | PendingNorm, w: Weights) -> torch.Tensor:
@@ -662,26 +713,48 @@ def qkv_rotary(x: PendingNorm, w: Weights, pos: torch.Tensor, inv_freq: torch.Te
     pos [B, T]: each token's position, the same on every M-RoPE axis (generated tokens are text).
     """
     needs_triton(x.x)
-    B, T, K = x.x.shape
     D = cache.k.shape[-1]
     if D < 16 or D & (D - 1):
         raise NotImplementedError(f"the decode kernels need a power-of-two head_dim of at least 16, got {D}")
-    flat = x.scaled.reshape(B * T, K).contiguous()
+    mirrored = (mirror.k, mirror.v, mirror.lengths) if mirror is not None else (None, None, None)
+    return _qkv_rotary(x.scaled, x.squares, x.eps, *w, pos, inv_freq, n_heads, n_kv_heads, cache.k, cache.v,
+                       cache.lengths, *mirrored)
+
+
+@torch.library.custom_op("std_decoding::qkv_rotary", mutates_args=("cache_k", "cache_v", "mirror_k", "mirror_v"))
+def _qkv_rotary(x: torch.Tensor, squares: torch.Tensor, eps: float, data: torch.Tensor, bias: torch.Tensor | None,
+                bits: int, scale: torch.Tensor | None, counters: torch.Tensor | None, sums: torch.Tensor | None,
+                pos: torch.Tensor, inv_freq: torch.Tensor, n_heads: int, n_kv_heads: int, cache_k: torch.Tensor,
+                cache_v: torch.Tensor, lengths: torch.Tensor, mirror_k: torch.Tensor | None,
+                mirror_v: torch.Tensor | None, mirror_lengths: torch.Tensor | None) -> torch.Tensor:
+    """qkv_rotary's launch: x [B, T, dim] times 1 / rms from the squares (the norm pending), the weight's fields."""
+    w = Weights(data, bias, bits, scale, counters, sums)
+    B, T, K = x.shape
+    D = cache_k.shape[-1]
+    flat = x.reshape(B * T, K).contiguous()
     N = (n_heads + 2 * n_kv_heads) * D
     data, swn, scale = _weight_operands(w, flat, K)
     blocks = _blocks(w, K, columns=D)
     q = torch.empty(B * T, n_heads * D, device=flat.device, dtype=flat.dtype)
-    other = mirror if mirror is not None else cache
+    mirror = mirror_k is not None
+    other_k, other_v, other_lengths = (mirror_k, mirror_v, mirror_lengths) if mirror else (cache_k, cache_v, lengths)
     launch, split = _split_k(w, K, blocks, (triton.cdiv(B * T, blocks["ROWS"]), N // blocks["BLOCK_N"]))
     _qkv_rotary_kernel[launch](
         flat, flat.stride(0), data, swn, scale, w.bias if w.bias is not None else flat,
         pos.reshape(-1).contiguous(), inv_freq, q, q.stride(0), T,
-        cache.k, cache.v, cache.lengths, *cache.k.stride()[:3], *cache.v.stride()[:3],
-        other.k, other.v, other.lengths, *other.k.stride()[:3], *other.v.stride()[:3], B * T, N,
+        cache_k, cache_v, lengths, *cache_k.stride()[:3], *cache_v.stride()[:3],
+        other_k, other_v, other_lengths, *other_k.stride()[:3], *other_v.stride()[:3], B * T, N,
         K, N_HEADS=n_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=D, HAS_BIAS=w.bias is not None,
-        MIRROR=mirror is not None, PRECISION=_precision(flat), **_finish_norm(x), **split, **blocks,
+        MIRROR=mirror, PRECISION=_precision(flat), **_finish_norm(squares, eps), **split, **blocks,
     )
     return q.view(B, T, n_heads * D)
+
+
+@_qkv_rotary.register_fake
+def _(x, squares, eps, data, bias, bits, scale, counters, sums, pos, inv_freq, n_heads, n_kv_heads, cache_k, cache_v,
+      lengths, mirror_k, mirror_v, mirror_lengths):
+    B, T, _ = x.shape
+    return x.new_empty(B, T, n_heads * cache_k.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -781,22 +854,33 @@ def decode_attention(q: torch.Tensor, cache) -> torch.Tensor:
     the merge reads only the pieces a row sees. The launch shape is fixed, so it is captured in CUDA graphs.
     """
     needs_triton(q)
+    return _decode_attention(q, cache.k, cache.v, cache.lengths, cache.split)
+
+
+@torch.library.custom_op("std_decoding::decode_attention", mutates_args=())
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
+                      split: int) -> torch.Tensor:
     B, T, width = q.shape
-    Hkv, S, D = cache.k.shape[1:]
+    Hkv, S, D = k.shape[1:]
     Hq = width // D
     group = Hq // Hkv
     n_tiles = triton.cdiv(T * group, ATTENTION_ROWS)
-    n_splits = triton.cdiv(S, cache.split)
+    n_splits = triton.cdiv(S, split)
     part = torch.empty(B * T * Hq, n_splits, D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B * T * Hq, n_splits, device=q.device, dtype=torch.float32)
     q = q.contiguous()
     _attention_kernel[(B * Hkv * n_tiles, n_splits)](
-        q, q.stride(1), cache.k, cache.v, cache.lengths, part, lse, T, Hkv, n_tiles, *cache.k.stride()[:3],
-        *cache.v.stride()[:3], part.stride(0), part.stride(1), lse.stride(0), N_HEADS=Hq, GROUP=group, HEAD_DIM=D,
-        SPLIT=cache.split, ROWS=ATTENTION_ROWS, PRECISION=_precision(q), SCALE=D ** -0.5, **ATTENTION_LAUNCH,
+        q, q.stride(1), k, v, lengths, part, lse, T, Hkv, n_tiles, *k.stride()[:3], *v.stride()[:3], part.stride(0),
+        part.stride(1), lse.stride(0), N_HEADS=Hq, GROUP=group, HEAD_DIM=D, SPLIT=split, ROWS=ATTENTION_ROWS,
+        PRECISION=_precision(q), SCALE=D ** -0.5, **ATTENTION_LAUNCH,
     )
     out = torch.empty(B, T, Hq * D, device=q.device, dtype=q.dtype)
-    _merge_kernel[(B * T * Hq,)](part, lse, cache.lengths, out, T, part.stride(0), part.stride(1), lse.stride(0),
-                                 out.stride(1), N_HEADS=Hq, HEAD_DIM=D, BLOCK_S=MERGE_BLOCK, SPLIT=cache.split,
+    _merge_kernel[(B * T * Hq,)](part, lse, lengths, out, T, part.stride(0), part.stride(1), lse.stride(0),
+                                 out.stride(1), N_HEADS=Hq, HEAD_DIM=D, BLOCK_S=MERGE_BLOCK, SPLIT=split,
                                  num_warps=4)
     return out
+
+
+@_decode_attention.register_fake
+def _(q, k, v, lengths, split):
+    return q.new_empty(q.shape)

@@ -1085,6 +1085,30 @@ def test_fused_layers_match_the_plain_step_and_write_both_caches(bits):
             assert (fused_t - exact_t).abs().max() <= 2 * plain_error + (5e-2 if bits == 4 else 1e-5) * scale
 
 
+def test_torch_compile_calls_each_launch_as_it_is():
+    """Compiled, the fused layers call each launch as one custom op, which keeps its own launch settings (a split int4
+    product's register budget among them), and give the eager logits and cache writes."""
+    from torch._inductor.utils import run_and_get_code
+    device = gpu_or_interpreter()
+    model = quant.quantized_copy(kernel_model(torch.float32, device), 4)
+    tokens = torch.randint(0, VOCAB, (2, 3), device=device)
+    pos = torch.tensor([[5], [9]], device=device) + torch.arange(3, device=device)
+
+    def run(logits):
+        dense, mirror = filled_caches(model, [5, 9], 1200), filled_caches(model, [10, 20], 40, seed=2)
+        return [logits(model, tokens, pos, dense, mirror)] + dense.k + dense.v + mirror.k + mirror.v
+
+    eager = run(fused_logits)
+    compiled, code = run_and_get_code(run, torch.compile(fused_logits, fullgraph=True))
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
+    for op in ("pending_norm", "qkv_rotary", "decode_attention", "linear"):
+        assert f"torch.ops.std_decoding.{op}.default" in code[0]
+    assert not re.search(r"_(pending_norm|linear|qkv_rotary|attention|merge)_kernel", code[0])  # none traced into
+    int4 = quant.Int4Linear(torch.nn.Linear(1024, 64, bias=False)).to(device).decode_weights()
+    grid, split = kernels._split_k(int4, 1024, kernels._blocks(int4, 1024), (1, 1))
+    assert grid[2] > 1 and split["maxnreg"] == kernels.INT4_SPLIT_REGISTERS
+
+
 @pytest.mark.parametrize("bits", [16, 8])
 def test_a_verify_pass_equals_one_token_steps_bit_for_bit(bits):
     """Batch invariance: the logits and keys/values of tokens run together (a verify pass; a batch) are bitwise those
