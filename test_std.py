@@ -1086,24 +1086,34 @@ def test_fused_layers_match_the_plain_step_and_write_both_caches(bits):
 
 
 def test_torch_compile_calls_each_launch_as_it_is():
-    """Compiled, the fused layers call each launch as one custom op, which keeps its own launch settings (a split int4
-    product's register budget among them), and give the eager logits and cache writes."""
+    """Compiled as std.py compiles them, the fused layers call each launch as one custom op, which keeps its own launch
+    settings (a split int4 product's register budget among them), and give the eager outputs and cache writes: bit
+    for bit in 16 bits; int4 products split along K add their pieces in the order they arrive, so there a rounding
+    apart."""
     from torch._inductor.utils import run_and_get_code
     device = gpu_or_interpreter()
-    model = quant.quantized_copy(kernel_model(torch.float32, device), 4)
     tokens = torch.randint(0, VOCAB, (2, 3), device=device)
     pos = torch.tensor([[5], [9]], device=device) + torch.arange(3, device=device)
+    for bits in (16, 4):
+        model = kernel_model(torch.float32, device)
+        model = model if bits == 16 else quant.quantized_copy(model, bits)
+        layer_class = type(model.layers[0])
 
-    def run(logits):
-        dense, mirror = filled_caches(model, [5, 9], 1200), filled_caches(model, [10, 20], 40, seed=2)
-        return [logits(model, tokens, pos, dense, mirror)] + dense.k + dense.v + mirror.k + mirror.v
+        def run(layer_fn):
+            dense, mirror = filled_caches(model, [5, 9], 1200), filled_caches(model, [10, 20], 40, seed=2)
+            norms = [layer.input_norm for layer in model.layers] + [model.norm]
+            x = kernels.pending_norm(model.embed_tokens(tokens), norms[0].weight, norms[0].eps)
+            for i, layer in enumerate(model.layers):
+                x = layer_fn(layer, x, pos, model.inv_freq(), dense.layer(i), mirror.layer(i), norms[i + 1].weight)
+            return [x.x, x.scaled, x.squares] + dense.k + dense.v + mirror.k + mirror.v
 
-    eager = run(fused_logits)
-    compiled, code = run_and_get_code(run, torch.compile(fused_logits, fullgraph=True))
-    assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
-    for op in ("pending_norm", "qkv_rotary", "decode_attention", "linear"):
-        assert f"torch.ops.std_decoding.{op}.default" in code[0]
-    assert not re.search(r"_(pending_norm|linear|qkv_rotary|attention|merge)_kernel", code[0])  # none traced into
+        eager = run(layer_class.forward)
+        compiled, code = run_and_get_code(run, std.compiled_layer(layer_class))
+        same = torch.equal if bits == 16 else lambda a, b: close(a, b, torch.bfloat16)  # int4 rounds its inputs
+        assert all(same(a, b) for a, b in zip(compiled, eager))
+        for op in ("qkv_rotary", "decode_attention", "linear"):
+            assert f"torch.ops.std_decoding.{op}.default" in code[0]
+        assert not re.search(r"_(linear|qkv_rotary|attention|merge)_kernel", code[0])  # none traced into
     int4 = quant.Int4Linear(torch.nn.Linear(1024, 64, bias=False)).to(device).decode_weights()
     grid, split = kernels._split_k(int4, 1024, kernels._blocks(int4, 1024), (1, 1))
     assert grid[2] > 1 and split["maxnreg"] == kernels.INT4_SPLIT_REGISTERS
