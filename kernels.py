@@ -727,7 +727,7 @@ def _qkv_rotary(x: torch.Tensor, squares: torch.Tensor, eps: float, data: torch.
                 pos: torch.Tensor, inv_freq: torch.Tensor, n_heads: int, n_kv_heads: int, cache_k: torch.Tensor,
                 cache_v: torch.Tensor, lengths: torch.Tensor, mirror_k: torch.Tensor | None,
                 mirror_v: torch.Tensor | None, mirror_lengths: torch.Tensor | None) -> torch.Tensor:
-    """qkv_rotary's launch: x [B, T, dim] times 1 / rms from the squares (the norm pending), the weight's fields."""
+    """qkv_rotary's launch: x [B, T, dim] is the pending norm's `scaled`, finished with its squares and eps."""
     w = Weights(data, bias, bits, scale, counters, sums)
     B, T, K = x.shape
     D = cache_k.shape[-1]
@@ -736,16 +736,17 @@ def _qkv_rotary(x: torch.Tensor, squares: torch.Tensor, eps: float, data: torch.
     data, swn, scale = _weight_operands(w, flat, K)
     blocks = _blocks(w, K, columns=D)
     q = torch.empty(B * T, n_heads * D, device=flat.device, dtype=flat.dtype)
-    mirror = mirror_k is not None
-    other_k, other_v, other_lengths = (mirror_k, mirror_v, mirror_lengths) if mirror else (cache_k, cache_v, lengths)
+    has_mirror = mirror_k is not None
+    if not has_mirror:  # the kernel takes a mirror's arguments either way and writes it only with MIRROR
+        mirror_k, mirror_v, mirror_lengths = cache_k, cache_v, lengths
     launch, split = _split_k(w, K, blocks, (triton.cdiv(B * T, blocks["ROWS"]), N // blocks["BLOCK_N"]))
     _qkv_rotary_kernel[launch](
         flat, flat.stride(0), data, swn, scale, w.bias if w.bias is not None else flat,
         pos.reshape(-1).contiguous(), inv_freq, q, q.stride(0), T,
         cache_k, cache_v, lengths, *cache_k.stride()[:3], *cache_v.stride()[:3],
-        other_k, other_v, other_lengths, *other_k.stride()[:3], *other_v.stride()[:3], B * T, N,
+        mirror_k, mirror_v, mirror_lengths, *mirror_k.stride()[:3], *mirror_v.stride()[:3], B * T, N,
         K, N_HEADS=n_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=D, HAS_BIAS=w.bias is not None,
-        MIRROR=mirror, PRECISION=_precision(flat), **_finish_norm(squares, eps), **split, **blocks,
+        MIRROR=has_mirror, PRECISION=_precision(flat), **_finish_norm(squares, eps), **split, **blocks,
     )
     return q.view(B, T, n_heads * D)
 

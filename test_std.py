@@ -1092,6 +1092,7 @@ def test_torch_compile_calls_each_launch_as_it_is():
     apart."""
     from torch._inductor.utils import run_and_get_code
     device = gpu_or_interpreter()
+    torch._dynamo.reset()  # compiled anew whatever the tests before compiled (Dynamo keeps a few entries a function)
     tokens = torch.randint(0, VOCAB, (2, 3), device=device)
     pos = torch.tensor([[5], [9]], device=device) + torch.arange(3, device=device)
     for bits in (16, 4):
