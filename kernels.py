@@ -98,8 +98,9 @@ def needs_triton(x: torch.Tensor) -> None:
 INT4_PROGRAMS = 512  # K is split until an int4 product has about this many programs: a small matrix needs them
 INT4_ROWS = 8  # rows a program: the n of the tensor cores' m16n8k16 product, whatever the call's rows
 INT4_COLUMNS = 64  # output columns a program, 16 a warp
-INT4_SPLIT_REGISTERS = 128  # a split int4 product's registers a thread: left to itself ptxas gives it fewer and
-# holds its loads back (BENCHMARKS.md, section 8)
+# A split int4 product's registers a thread: left to itself, ptxas gives it fewer and holds its loads back
+# (BENCHMARKS.md, section 8).
+INT4_SPLIT_REGISTERS = 128
 
 
 if triton is not None:
@@ -596,8 +597,9 @@ def _precision(x: torch.Tensor) -> str:
 
 # The launches as custom ops. Traced into by torch.compile, a launch would keep only num_warps and num_stages of its
 # settings (Inductor's configs for Triton kernels), and the split int4 products would lose their register budget. An
-# op declares what it changes for good (the caches); an int4 weight's counters and sums it leaves as it found them.
-# Weights go in as their fields, in the NamedTuple's order.
+# op declares what it changes for good (the caches); an int4 weight's counters and sums it leaves as it found them,
+# which holds as long as no two launches with the same weight run at once (one stream). Weights go in as their
+# fields, in the NamedTuple's order.
 
 
 def pending_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> PendingNorm:
@@ -661,7 +663,7 @@ def _linear(x: torch.Tensor, squares: torch.Tensor | None, eps: float, data: tor
     norm_in = _finish_norm(squares, eps) if squares is not None else unnormed
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     res = residual.reshape(M, N) if residual is not None else y
-    grid = (triton.cdiv(M, blocks["ROWS"]), _column_blocks(w, K, gated))
+    grid = (triton.cdiv(M, blocks["ROWS"]), _column_blocks(N, blocks["BLOCK_N"], gated))
     if norm_weight is not None:
         scaled = torch.empty_like(y)
         out_squares = torch.empty(M, grid[1], device=x.device, dtype=torch.float32)  # a piece per column block
@@ -683,21 +685,21 @@ def _linear(x: torch.Tensor, squares: torch.Tensor | None, eps: float, data: tor
 @_linear.register_fake
 def _(x, squares, eps, data, bias, bits, scale, counters, sums, residual, gated, norm_weight):
     w = Weights(data, bias, bits, scale, counters, sums)
-    y = x.new_empty(*x.shape[:-1], _out_columns(w, gated))
+    N, K = _out_columns(w, gated), x.shape[-1]
+    y = x.new_empty(*x.shape[:-1], N)
     if norm_weight is None:
         return [y]
-    M, K = x.numel() // x.shape[-1], x.shape[-1]
-    return [y, y.new_empty(y.shape), x.new_empty(M, _column_blocks(w, K, gated), dtype=torch.float32)]
+    columns = _column_blocks(N, _blocks(w, K)["BLOCK_N"], gated)
+    return [y, y.new_empty(y.shape), x.new_empty(x.numel() // K, columns, dtype=torch.float32)]
 
 
 def _out_columns(w: Weights, gated: bool) -> int:
     return w.out_features // 2 if gated else w.out_features
 
 
-def _column_blocks(w: Weights, K: int, gated: bool) -> int:
-    """A product's programs along its output columns (a gated product's block holds gate and up columns)."""
-    block_n = _blocks(w, K)["BLOCK_N"]
-    return -(-_out_columns(w, gated) // (block_n // 2 if gated else block_n))
+def _column_blocks(N: int, block_n: int, gated: bool) -> int:
+    """A product's programs along its N output columns (a gated product's block holds gate and up columns)."""
+    return triton.cdiv(N, block_n // 2 if gated else block_n)
 
 
 def gated_linear(x: torch.Tensor | PendingNorm, w: Weights) -> torch.Tensor:
