@@ -19,12 +19,15 @@ shapes of the weights, and attention cuts the cache at fixed absolute slots (eve
 length). So a verify pass over gamma + 1 tokens computes each token's logits and keys/values bit for bit as one-token
 dense steps would, and speculative decoding in bfloat16 emits exactly the tokens of bfloat16 dense decoding.
 
-Each launch is a custom op (torch.library), so that torch.compile calls it as it is, launch settings and all, and
-compiles the layer around it.
+On Hopper and later each kernel is a programmatic dependent launch: it is placed on the GPU while the kernel before
+it finishes, and waits for that kernel's writes before its first read, so that the fixed start-up of a short kernel
+overlaps the tail of the last. Each launch is a custom op (torch.library), so that torch.compile calls it as it is,
+launch settings and all, and compiles the layer around it.
 
 Importing this file needs no Triton; calling a kernel does (it ships with CUDA builds of PyTorch, and runs on the CPU
 under TRITON_INTERPRET=1, which the tests use).
 """
+import functools
 import os
 from typing import NamedTuple
 
@@ -358,8 +361,13 @@ if triton is not None:
     TILE = tl.constexpr(ROW_TILE)
 
     @triton.jit
-    def _pending_norm_kernel(X, sxm, Weight, Scaled, ssm, Squares, ssq, K: tl.constexpr, BLOCK: tl.constexpr):
+    def _pending_norm_kernel(X, sxm, Weight, Scaled, ssm, Squares, ssq, K: tl.constexpr, BLOCK: tl.constexpr,
+                             PDL: tl.constexpr):
         # One program a row, the whole row at once: x * weight and the sum of x^2 (one piece).
+        if PDL:  # placed early (programmatic dependent launch): the previous kernel's writes are seen after this
+            tl.extra.cuda.gdc_wait()
+        if PDL:  # the next kernel may be placed now; it waits for all of this one to finish
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0)
         k = tl.arange(0, BLOCK)
         x = tl.load(X + row * sxm + k, mask=k < K, other=0.0).to(tl.float32)
@@ -413,9 +421,12 @@ if triton is not None:
                        Scaled, sscm, OutSquares, sosq, Sums, Counters, groups_each, splits, BITS: tl.constexpr,
                        HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr, NORM_IN: tl.constexpr,
                        NORM_OUT: tl.constexpr, P_BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, PTX: tl.constexpr):
+                       BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, PTX: tl.constexpr,
+                       PDL: tl.constexpr):
         # Row tiles are the fastest program index: the tiles that share a block of the weight run together, so it
         # comes from memory once and from the L2 cache after. int4: program_id(2) is the piece of K.
+        if PDL:  # placed early (programmatic dependent launch): the previous kernel's writes are seen after this
+            tl.extra.cuda.gdc_wait()
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         rows = pid_m * ROWS + tl.arange(0, ROWS)
         row_ok = rows < M
@@ -445,6 +456,8 @@ if triton is not None:
         else:
             acc = _product(X, sxm, rows, row_ok, W, swn, Scale, cols, col_ok, K, InSquares, sisq, P, eps, BITS,
                            NORM_IN, P_BLOCK, BLOCK_N, BLOCK_K, PRECISION)
+        if PDL:  # the next kernel may be placed now; it waits for all of this one to finish
+            tl.extra.cuda.gdc_launch_dependents()
         if HAS_BIAS:
             acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         y = acc.to(Y.dtype.element_ty)  # rounded as the unfused layer rounds its product
@@ -467,8 +480,10 @@ if triton is not None:
                            Sums, Counters, groups_each, splits, N_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr,
                            HEAD_DIM: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, MIRROR: tl.constexpr,
                            P_BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           SPLIT: tl.constexpr, PRECISION: tl.constexpr, PTX: tl.constexpr):
+                           SPLIT: tl.constexpr, PRECISION: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr):
         # A program holds BLOCK_N / 2 rotary pairs (i, i + HEAD_DIM / 2) of one head, so it can turn them itself.
+        if PDL:  # placed early (programmatic dependent launch): the previous kernel's writes are seen after this
+            tl.extra.cuda.gdc_wait()
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         PAIRS: tl.constexpr = BLOCK_N // 2
         PER_HEAD: tl.constexpr = HEAD_DIM // BLOCK_N
@@ -498,6 +513,8 @@ if triton is not None:
         else:
             acc = _product(X, sxm, rows, row_ok, W, swn, Scale, cols, cols < N, K, InSquares, sisq, P, eps, BITS,
                            True, P_BLOCK, BLOCK_N, BLOCK_K, PRECISION)
+        if PDL:  # the next kernel may be placed now; it waits for all of this one to finish
+            tl.extra.cuda.gdc_launch_dependents()
         if HAS_BIAS:
             acc += bias[None, :]
         first, second = tl.split(tl.reshape(acc.to(Q.dtype.element_ty), (ROWS, PAIRS, 2)))
@@ -530,6 +547,20 @@ if triton is not None:
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")  # as Triton reads it
+
+
+def _dependent_launch(device: torch.device) -> dict:
+    """Programmatic dependent launch, on Hopper and later: a kernel is placed on the GPU while the one before it
+    finishes, instead of after, and waits (gdc_wait) for its writes before reading anything. Each kernel lets the next
+    one be placed once its own reads are done (gdc_launch_dependents), so the next kernel's start-up overlaps this
+    one's tail; in a chain of short kernels, that start-up is a good part of each one's time."""
+    on = not _interpreting() and _has_dependent_launch(device)
+    return dict(PDL=on, launch_pdl=on)
+
+
+@functools.cache
+def _has_dependent_launch(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def _weight_operands(w: Weights, x: torch.Tensor, K: int):
@@ -596,10 +627,10 @@ def _precision(x: torch.Tensor) -> str:
 
 
 # The launches as custom ops. Traced into by torch.compile, a launch would keep only num_warps and num_stages of its
-# settings (Inductor's configs for Triton kernels), and the split int4 products would lose their register budget. An
-# op declares what it changes for good (the caches); an int4 weight's counters and sums it leaves as it found them,
-# which holds as long as no two launches with the same weight run at once (one stream). Weights go in as their
-# fields, in the NamedTuple's order.
+# settings (Inductor's configs for Triton kernels): the split int4 products would lose their register budget and
+# every kernel its dependent launch. An op declares what it changes for good (the caches); an int4 weight's counters
+# and sums it leaves as it found them, which holds as long as no two launches with the same weight run at once (one
+# stream). Weights go in as their fields, in the NamedTuple's order.
 
 
 def pending_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> PendingNorm:
@@ -615,7 +646,8 @@ def _pending_norm(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, 
     squares = torch.empty(flat.shape[0], 1, device=x.device, dtype=torch.float32)
     K = flat.shape[1]
     _pending_norm_kernel[(flat.shape[0],)](flat, flat.stride(0), weight, scaled, scaled.stride(0), squares,
-                                           squares.stride(0), K=K, BLOCK=triton.next_power_of_2(K), num_warps=8)
+                                           squares.stride(0), K=K, BLOCK=triton.next_power_of_2(K), num_warps=8,
+                                           **_dependent_launch(x.device))
     return scaled.view(x.shape), squares
 
 
@@ -676,7 +708,7 @@ def _linear(x: torch.Tensor, squares: torch.Tensor | None, eps: float, data: tor
         flat, flat.stride(0), data, swn, scale, w.bias if w.bias is not None else flat, res, res.stride(0), y,
         y.stride(0), M, N, K, HAS_BIAS=w.bias is not None, RESIDUAL=residual is not None, GATED=gated,
         NORM_IN=squares is not None, NORM_OUT=norm_weight is not None, PRECISION=_precision(x), **norm_in,
-        **norm_out, **split, **blocks,
+        **norm_out, **split, **blocks, **_dependent_launch(x.device),
     )
     y = y.view(*x.shape[:-1], N)
     return [y] if norm_weight is None else [y, scaled.view(y.shape), out_squares]
@@ -749,6 +781,7 @@ def _qkv_rotary(x: torch.Tensor, squares: torch.Tensor, eps: float, data: torch.
         mirror_k, mirror_v, mirror_lengths, *mirror_k.stride()[:3], *mirror_v.stride()[:3], B * T, N,
         K, N_HEADS=n_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=D, HAS_BIAS=w.bias is not None,
         MIRROR=has_mirror, PRECISION=_precision(flat), **_finish_norm(squares, eps), **split, **blocks,
+        **_dependent_launch(x.device),
     )
     return q.view(B, T, n_heads * D)
 
@@ -769,9 +802,11 @@ if triton is not None:
     def _attention_kernel(Q, sqm, K, V, Lengths, Part, Lse, T, n_kv_heads, n_tiles, skb, skh, sks, svb, svh, svs,
                           spr, sps, slr, N_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                           BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, ROWS: tl.constexpr, PRECISION: tl.constexpr,
-                          SCALE: tl.constexpr):
+                          SCALE: tl.constexpr, PDL: tl.constexpr):
         # One program: one tile of ROWS rows of one sequence and KV head, over one fixed piece of SPLIT slots. Its
         # rows are (token, query head of the group): each key and value is read once for all of them.
+        if PDL:  # placed early (programmatic dependent launch): the previous kernel's writes are seen after this
+            tl.extra.cuda.gdc_wait()
         LOG2_SCALE: tl.constexpr = SCALE * 1.4426950408889634
         pid, split = tl.program_id(0), tl.program_id(1)
         tile, bh = pid % n_tiles, pid // n_tiles
@@ -811,6 +846,8 @@ if triton is not None:
             l = l * alpha + tl.sum(p, 1)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
             m = m_new
+        if PDL:  # the next kernel may be placed now; it waits for all of this one to finish
+            tl.extra.cuda.gdc_launch_dependents()
         row = (b * T + t) * N_HEADS + h * GROUP + g
         store = row_ok & (start < visible_end)  # the merge reads only the splits a row sees, and they are not empty
         l = tl.where(store, l, 1.0)
@@ -819,11 +856,15 @@ if triton is not None:
 
     @triton.jit
     def _merge_kernel(Part, Lse, Lengths, Out, T, spr, sps, slr, som, N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      BLOCK_S: tl.constexpr, SPLIT: tl.constexpr):
+                      BLOCK_S: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
         # One program: one (sequence, token, query head). Its splits are combined by their log-sum-exp (base 2, as
         # the attention kernel stores it) in one pass, BLOCK_S at a time and in a fixed order: each block's weights
         # and pieces are loaded together, and the sums so far rescaled to the block's maximum. A row sees every
         # split before its end, and none is empty.
+        if PDL:  # placed early (programmatic dependent launch): the previous kernel's writes are seen after this
+            tl.extra.cuda.gdc_wait()
+        if PDL:  # the next kernel may be placed now; it waits for all of this one to finish
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0)  # (b * T + t) * N_HEADS + head
         b, t, head = row // (T * N_HEADS), (row // N_HEADS) % T, row % N_HEADS
         n = tl.cdiv(tl.load(Lengths + b) + t + 1, SPLIT)
@@ -875,12 +916,12 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths
     _attention_kernel[(B * Hkv * n_tiles, n_splits)](
         q, q.stride(1), k, v, lengths, part, lse, T, Hkv, n_tiles, *k.stride()[:3], *v.stride()[:3], part.stride(0),
         part.stride(1), lse.stride(0), N_HEADS=Hq, GROUP=group, HEAD_DIM=D, SPLIT=split, ROWS=ATTENTION_ROWS,
-        PRECISION=_precision(q), SCALE=D ** -0.5, **ATTENTION_LAUNCH,
+        PRECISION=_precision(q), SCALE=D ** -0.5, **ATTENTION_LAUNCH, **_dependent_launch(q.device),
     )
     out = torch.empty(B, T, Hq * D, device=q.device, dtype=q.dtype)
     _merge_kernel[(B * T * Hq,)](part, lse, lengths, out, T, part.stride(0), part.stride(1), lse.stride(0),
                                  out.stride(1), N_HEADS=Hq, HEAD_DIM=D, BLOCK_S=MERGE_BLOCK, SPLIT=split,
-                                 num_warps=4)
+                                 num_warps=4, **_dependent_launch(q.device))
     return out
 
 

@@ -1162,7 +1162,7 @@ def test_a_verify_pass_equals_one_token_steps_bit_for_bit(bits):
 def test_every_decode_kernel_compiles_for_hopper_here():
     """The kernels as a GPU compiles them: the interpreter above runs the int4 product's plain-Triton twin, never its
     inline PTX, so every launch of the decode path (bfloat16 and float32; 16-, 8- and 4-bit weights, groups of 32, 64
-    and 128; split and not; both attention splits) is compiled here to sm_90 machine code, Triton's front end and
+    and 128; split and not; both attention splits; dependent launches) is compiled here to sm_90 machine code, Triton's front end and
     ptxas included, with no GPU. What they refuse differs between Triton versions: this file on a GPU checks the
     GPU's."""
     pytest.importorskip("triton")
@@ -1203,11 +1203,12 @@ def decode_launches() -> list:
             return lambda *args, **kwargs: launches.append((self.fn, args, kwargs))
 
     names = ["_pending_norm_kernel", "_linear_kernel", "_qkv_rotary_kernel", "_attention_kernel", "_merge_kernel"]
-    originals = {name: getattr(kernels, name) for name in names + ["_interpreting"]}
+    originals = {name: getattr(kernels, name) for name in names + ["_interpreting", "_has_dependent_launch"]}
     for name in names:
         setattr(kernels, name, Recorded(originals[name]))
     try:
         kernels._interpreting = lambda: False  # the PTX path
+        kernels._has_dependent_launch = lambda device: True  # as on Hopper
         for dtype, bits in [(d, b) for d in (torch.bfloat16, torch.float32) for b in (16, 8, 4)]:
             model = kernel_model(dtype, "cpu")
             model = model if bits == 16 else quant.quantized_copy(model, bits)
