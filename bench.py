@@ -719,6 +719,7 @@ def print_steps_report(report, args):
             print(f"{row['context']:>8} {step:>10}: {p['kernels']:>4} kernels a step, matrix-vector products "
                   f"{p['matvec_ms']:.2f} ms, other kernels {p['other_ms']:.2f} ms"
                   + (f" (all-reduces {p['all_reduce_ms']:.2f} ms)" if args.tp else "")
+                  + (f", overlapping {p['overlap_ms']:.2f} ms" if p["overlap_ms"] else "")
                   + f", between kernels {p['gaps_ms']:.2f} ms: {1 - p['matvec_ms'] / p['step_ms']:.0%} of the step "
                   "outside the products")
 
@@ -733,7 +734,8 @@ ALL_REDUCE_KERNELS = ("nccl", "one_shot_all_reduce_kernel")  # NCCL's, symmetric
 def kernel_profile(step, steps_per_call: int, step_ms: float, before) -> dict:
     """The GPU kernels of one replay of `step` (a CUDA graph of `steps_per_call` decode steps), per decode step:
     how many, the time in matrix-vector products, in other kernels and between kernels; and each kernel's count and
-    time."""
+    time. With dependent launches (kernels.py, Hopper) a kernel starts while the one before it finishes and waits for
+    it: its time includes that wait, and the kernels' times add up to more than the step (overlap_ms)."""
     from torch.profiler import ProfilerActivity, profile
 
     before()
@@ -760,6 +762,7 @@ def kernel_profile(step, steps_per_call: int, step_ms: float, before) -> dict:
     busy = sum(k["ms"] for k in per_step.values())
     return dict(kernels=round(sum(k["count"] for k in per_step.values())), step_ms=step_ms, matvec_ms=matvec,
                 all_reduce_ms=all_reduce, other_ms=busy - matvec, gaps_ms=max(0.0, step_ms - busy),
+                overlap_ms=max(0.0, busy - step_ms),
                 by_kernel=per_step)
 
 
