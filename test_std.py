@@ -1162,9 +1162,9 @@ def test_a_verify_pass_equals_one_token_steps_bit_for_bit(bits):
 def test_every_decode_kernel_compiles_for_hopper_here():
     """The kernels as a GPU compiles them: the interpreter above runs the int4 product's plain-Triton twin, never its
     inline PTX, so every launch of the decode path (bfloat16 and float32; 16-, 8- and 4-bit weights, groups of 32, 64
-    and 128; split and not; both attention splits; dependent launches) is compiled here to sm_90 machine code, Triton's front end and
-    ptxas included, with no GPU. What they refuse differs between Triton versions: this file on a GPU checks the
-    GPU's."""
+    and 128; split and not; both attention splits; dependent launches) is compiled here to sm_90 machine code,
+    Triton's front end and ptxas included, with no GPU. What they refuse differs between Triton versions: this file
+    on a GPU checks the GPU's."""
     pytest.importorskip("triton")
     run = subprocess.run([sys.executable, "-c", "import test_std; test_std.compile_the_decode_kernels_for_hopper()"],
                          cwd=HERE, env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True)
