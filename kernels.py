@@ -20,7 +20,7 @@ length). So a verify pass over gamma + 1 tokens computes each token's logits and
 dense steps would, and speculative decoding in bfloat16 emits exactly the tokens of bfloat16 dense decoding.
 
 On Hopper and later each kernel is a programmatic dependent launch: it is placed on the GPU while the kernel before
-it finishes, and waits for that kernel's writes before its first read, so that the fixed start-up of a short kernel
+it finishes, and waits for that kernel to end before it touches memory, so that the fixed start-up of a short kernel
 overlaps the tail of the last. Each launch is a custom op (torch.library), so that torch.compile calls it as it is,
 launch settings and all, and compiles the layer around it.
 
@@ -364,9 +364,8 @@ if triton is not None:
     def _pending_norm_kernel(X, sxm, Weight, Scaled, ssm, Squares, ssq, K: tl.constexpr, BLOCK: tl.constexpr,
                              PDL: tl.constexpr):
         # One program a row, the whole row at once: x * weight and the sum of x^2 (one piece).
-        if PDL:  # placed early (programmatic dependent launch): the previous kernel's writes are seen after this
+        if PDL:  # nothing touches memory before the wait (_dependent_launch); a short kernel lets the next in at once
             tl.extra.cuda.gdc_wait()
-        if PDL:  # the next kernel may be placed now; it waits for all of this one to finish
             tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0)
         k = tl.arange(0, BLOCK)
@@ -425,7 +424,7 @@ if triton is not None:
                        PDL: tl.constexpr):
         # Row tiles are the fastest program index: the tiles that share a block of the weight run together, so it
         # comes from memory once and from the L2 cache after. int4: program_id(2) is the piece of K.
-        if PDL:  # placed early (programmatic dependent launch): the previous kernel's writes are seen after this
+        if PDL:  # nothing touches memory before the wait (_dependent_launch)
             tl.extra.cuda.gdc_wait()
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         rows = pid_m * ROWS + tl.arange(0, ROWS)
@@ -456,7 +455,7 @@ if triton is not None:
         else:
             acc = _product(X, sxm, rows, row_ok, W, swn, Scale, cols, col_ok, K, InSquares, sisq, P, eps, BITS,
                            NORM_IN, P_BLOCK, BLOCK_N, BLOCK_K, PRECISION)
-        if PDL:  # the next kernel may be placed now; it waits for all of this one to finish
+        if PDL:  # the next kernel in once the main loop is done: at the start, it measured slower
             tl.extra.cuda.gdc_launch_dependents()
         if HAS_BIAS:
             acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -482,7 +481,7 @@ if triton is not None:
                            P_BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            SPLIT: tl.constexpr, PRECISION: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr):
         # A program holds BLOCK_N / 2 rotary pairs (i, i + HEAD_DIM / 2) of one head, so it can turn them itself.
-        if PDL:  # placed early (programmatic dependent launch): the previous kernel's writes are seen after this
+        if PDL:  # nothing touches memory before the wait (_dependent_launch)
             tl.extra.cuda.gdc_wait()
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         PAIRS: tl.constexpr = BLOCK_N // 2
@@ -513,7 +512,7 @@ if triton is not None:
         else:
             acc = _product(X, sxm, rows, row_ok, W, swn, Scale, cols, cols < N, K, InSquares, sisq, P, eps, BITS,
                            True, P_BLOCK, BLOCK_N, BLOCK_K, PRECISION)
-        if PDL:  # the next kernel may be placed now; it waits for all of this one to finish
+        if PDL:  # the next kernel in once the main loop is done: at the start, it measured slower
             tl.extra.cuda.gdc_launch_dependents()
         if HAS_BIAS:
             acc += bias[None, :]
@@ -551,16 +550,21 @@ def _interpreting() -> bool:
 
 def _dependent_launch(device: torch.device) -> dict:
     """Programmatic dependent launch, on Hopper and later: a kernel is placed on the GPU while the one before it
-    finishes, instead of after, and waits (gdc_wait) for its writes before reading anything. Each kernel lets the next
-    one be placed once its own reads are done (gdc_launch_dependents), so the next kernel's start-up overlaps this
-    one's tail; in a chain of short kernels, that start-up is a good part of each one's time."""
+    finishes, instead of after, so that in a chain of short kernels each one's start-up overlaps the last one's
+    tail. Each kernel waits (gdc_wait) until the one before has finished and its writes are visible before it
+    touches memory at all: no read of what that kernel writes, no write to what it reads. A kernel two back has then
+    finished too (the one before passed its own wait), and a kernel launched without the setting (Inductor's,
+    PyTorch's) waits as always. Where a kernel lets the next one in (gdc_launch_dependents) is a matter of speed
+    only: the products' and attention's programs, once the next kernel's programs were waiting beside them, ran
+    slower (BENCHMARKS.md, section 8)."""
     on = not _interpreting() and _has_dependent_launch(device)
     return dict(PDL=on, launch_pdl=on)
 
 
 @functools.cache
 def _has_dependent_launch(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    return (device.type == "cuda" and torch.version.hip is None  # an NVIDIA feature; ROCm's GPUs also say "cuda"
+            and torch.cuda.get_device_capability(device) >= (9, 0))
 
 
 def _weight_operands(w: Weights, x: torch.Tensor, K: int):
@@ -627,10 +631,10 @@ def _precision(x: torch.Tensor) -> str:
 
 
 # The launches as custom ops. Traced into by torch.compile, a launch would keep only num_warps and num_stages of its
-# settings (Inductor's configs for Triton kernels): the split int4 products would lose their register budget and
-# every kernel its dependent launch. An op declares what it changes for good (the caches); an int4 weight's counters
-# and sums it leaves as it found them, which holds as long as no two launches with the same weight run at once (one
-# stream). Weights go in as their fields, in the NamedTuple's order.
+# settings (Inductor's configs for Triton kernels): the split int4 products lost their register budget (measured),
+# and, by our reading of Inductor, every kernel would lose its dependent launch. An op declares what it changes for
+# good (the caches); an int4 weight's counters and sums it leaves as it found them, which holds as long as no two
+# launches with the same weight run at once (one stream). Weights go in as their fields, in the NamedTuple's order.
 
 
 def pending_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> PendingNorm:
@@ -805,7 +809,7 @@ if triton is not None:
                           SCALE: tl.constexpr, PDL: tl.constexpr):
         # One program: one tile of ROWS rows of one sequence and KV head, over one fixed piece of SPLIT slots. Its
         # rows are (token, query head of the group): each key and value is read once for all of them.
-        if PDL:  # placed early (programmatic dependent launch): the previous kernel's writes are seen after this
+        if PDL:  # nothing touches memory before the wait (_dependent_launch)
             tl.extra.cuda.gdc_wait()
         LOG2_SCALE: tl.constexpr = SCALE * 1.4426950408889634
         pid, split = tl.program_id(0), tl.program_id(1)
@@ -846,7 +850,7 @@ if triton is not None:
             l = l * alpha + tl.sum(p, 1)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
             m = m_new
-        if PDL:  # the next kernel may be placed now; it waits for all of this one to finish
+        if PDL:  # the next kernel in once the main loop is done: at the start, it measured slower
             tl.extra.cuda.gdc_launch_dependents()
         row = (b * T + t) * N_HEADS + h * GROUP + g
         store = row_ok & (start < visible_end)  # the merge reads only the splits a row sees, and they are not empty
@@ -861,9 +865,8 @@ if triton is not None:
         # the attention kernel stores it) in one pass, BLOCK_S at a time and in a fixed order: each block's weights
         # and pieces are loaded together, and the sums so far rescaled to the block's maximum. A row sees every
         # split before its end, and none is empty.
-        if PDL:  # placed early (programmatic dependent launch): the previous kernel's writes are seen after this
+        if PDL:  # nothing touches memory before the wait (_dependent_launch); a short kernel lets the next in at once
             tl.extra.cuda.gdc_wait()
-        if PDL:  # the next kernel may be placed now; it waits for all of this one to finish
             tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0)  # (b * T + t) * N_HEADS + head
         b, t, head = row // (T * N_HEADS), (row // N_HEADS) % T, row % N_HEADS

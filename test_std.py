@@ -1162,14 +1162,17 @@ def test_a_verify_pass_equals_one_token_steps_bit_for_bit(bits):
 def test_every_decode_kernel_compiles_for_hopper_here():
     """The kernels as a GPU compiles them: the interpreter above runs the int4 product's plain-Triton twin, never its
     inline PTX, so every launch of the decode path (bfloat16 and float32; 16-, 8- and 4-bit weights, groups of 32, 64
-    and 128; split and not; both attention splits; dependent launches) is compiled here to sm_90 machine code,
-    Triton's front end and ptxas included, with no GPU. What they refuse differs between Triton versions: this file
-    on a GPU checks the GPU's."""
+    and 128; split and not; both attention splits) is compiled here to sm_90 machine code, Triton's front end and
+    ptxas included, with no GPU, as a dependent launch whose first access to memory comes after its wait. What they
+    refuse differs between Triton versions: this file on a GPU checks the GPU's."""
     pytest.importorskip("triton")
     run = subprocess.run([sys.executable, "-c", "import test_std; test_std.compile_the_decode_kernels_for_hopper()"],
                          cwd=HERE, env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
-    assert re.fullmatch(r"compiled \d+ launches of 5 kernels\n", run.stdout), run.stdout
+    counts = re.fullmatch(r"compiled (\d+) launches of 5 kernels, (\d+) dependent\n", run.stdout)
+    assert counts, run.stdout
+    compiled, dependent = map(int, counts.groups())
+    assert dependent == compiled - 1, run.stdout  # all but the plain-Triton twin's (below)
 
 
 def compile_the_decode_kernels_for_hopper():
@@ -1186,9 +1189,17 @@ def compile_the_decode_kernels_for_hopper():
         constants = {n: values[n] for n, p in zip(names, fn.params) if p.is_constexpr}
         signature = {n: "constexpr" if n in constants else triton_type(values[n]) for n in names}
         launches[repr((fn.__name__, signature, constants, options))] = (fn, signature, constants, options)
+    dependent = 0
     for fn, signature, constants, options in launches.values():
-        triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32), options=options)
-    print(f"compiled {len(launches)} launches of {len({fn for fn, *_ in launches.values()})} kernels")
+        compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32), options=options)
+        if constants["PDL"]:  # a dependent launch touches no memory before its wait (kernels._dependent_launch)
+            ptx = compiled.asm["ptx"]
+            wait = ptx.find("griddepcontrol.wait")
+            accesses = [ptx.find(op) for op in ("ld.global", "st.global", "cp.async", "atom.", "red.")]
+            assert 0 <= wait < min(at for at in accesses if at >= 0), f"{fn.__name__} {constants}"
+            dependent += 1
+    print(f"compiled {len(launches)} launches of {len({fn for fn, *_ in launches.values()})} kernels, "
+          f"{dependent} dependent")
 
 
 def decode_launches() -> list:
