@@ -1520,6 +1520,17 @@ def test_bench_floors_count_the_weights_a_step_reads_not_scratch():
     assert bench_lib.weight_bytes(drafter) == sum(t.nbytes for t in weights)
 
 
+@given(st.lists(st.tuples(st.integers(0, 1000), st.integers(0, 100)), max_size=20))
+def test_bench_profiles_count_overlapping_kernels_once(starts_and_lengths):
+    """Kernels overlap under dependent launches: the time in which some kernel runs is the length of their spans'
+    union, here the number of unit instants [t, t + 1) that some span covers."""
+    import bench as bench_lib
+
+    spans = [(float(start), float(start + length)) for start, length in starts_and_lengths]
+    instants = {t for start, length in starts_and_lengths for t in range(start, start + length)}
+    assert bench_lib.covered(spans) == len(instants)
+
+
 def test_bench_refuses_a_one_shot_all_reduce_it_cannot_run(monkeypatch, capsys):
     import bench as bench_lib
 
