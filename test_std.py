@@ -1191,7 +1191,8 @@ def compile_the_decode_kernels_for_hopper():
         launches[repr((fn.__name__, signature, constants, options))] = (fn, signature, constants, options)
     dependent = 0
     for fn, signature, constants, options in launches.values():
-        compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32), options=options)
+        source = ASTSource(fn, signature, constants)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
         if constants["PDL"]:  # a dependent launch touches no memory before its wait (kernels._dependent_launch)
             ptx = compiled.asm["ptx"]
             wait = ptx.find("griddepcontrol.wait")
