@@ -250,10 +250,12 @@ if triton is not None:
     @triton.jit
     def _int4_product(X, sxm, pid_m, M, W, SZ, first, second, N_W, K, groups_each, InSquares, sisq, P, eps,
                       NORM_IN: tl.constexpr, P_BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                      GROUP: tl.constexpr, PTX: tl.constexpr):
+                      GROUP: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr):
         """float32 [ROWS, BLOCK_N]: rows pid_m * ROWS ... of x times the int4 weight's (N_W columns)
         columns first + j % (BLOCK_N / 2) + (j // (BLOCK_N / 2)) * second, j < BLOCK_N, over this program's piece of
-        K (groups_each groups from program_id(2)), on the tensor cores. NORM_IN as in _product.
+        K (groups_each groups from program_id(2)), on the tensor cores. NORM_IN as in _product. PDL: the dependent
+        launch's wait is here, after the first two groups' weights and scales are asked for: no kernel writes them,
+        so they come in while the kernel before finishes.
 
         A warp takes 16 of the columns, a thread its share of their words (quant._pack). For a group with scale s
         and zero z, x . ((q - 8) s + z) = s (x . (128 + q)) + (z - 136 s) sum(x): the tensor cores add the first
@@ -291,6 +293,8 @@ if triton is not None:
                                                                        WORDS, PTX)
             pair_b = tl.load(pairs_at + (group0 + 1) * N_W)
             pair_b8 = tl.load(pairs_at + (group0 + 1) * N_W + 8)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         acc0 = tl.zeros([32 * WARPS], tl.float32)  # (row 2t, column g), (2t + 1, g), (2t, g + 8), (2t + 1, g + 8)
         acc1 = tl.zeros([32 * WARPS], tl.float32)
         acc2 = tl.zeros([32 * WARPS], tl.float32)
@@ -424,7 +428,7 @@ if triton is not None:
                        PDL: tl.constexpr):
         # Row tiles are the fastest program index: the tiles that share a block of the weight run together, so it
         # comes from memory once and from the L2 cache after. int4: program_id(2) is the piece of K.
-        if PDL:  # nothing touches memory before the wait (_dependent_launch)
+        if PDL and BITS != 4:  # nothing touches memory before the wait (_dependent_launch); int4: _int4_product
             tl.extra.cuda.gdc_wait()
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         rows = pid_m * ROWS + tl.arange(0, ROWS)
@@ -438,17 +442,20 @@ if triton is not None:
             out_cols = pid_n * BLOCK_N + j
             cols = out_cols
             col_ok = cols < N
-        if RESIDUAL:  # loaded before the product, so that the epilogue does not wait on it (not timed apart)
-            res = tl.load(Res + rows[:, None] * srm + out_cols[None, :], mask=row_ok[:, None] & (out_cols < N)[None, :],
-                          other=0.0)
+        res_at = Res + rows[:, None] * srm + out_cols[None, :]
+        res_ok = row_ok[:, None] & (out_cols < N)[None, :]
+        if RESIDUAL and BITS != 4:  # loaded before the product, so that the epilogue does not wait on it
+            res = tl.load(res_at, mask=res_ok, other=0.0)
         if BITS == 4:
             if GATED:  # the block's gate columns, then its up columns; paired after
                 acc = _int4_product(X, sxm, pid_m, M, W, Scale, pid_n * (BLOCK_N // 2), N, 2 * N, K, groups_each,
-                                    InSquares, sisq, P, eps, NORM_IN, P_BLOCK, ROWS, BLOCK_N, BLOCK_K, PTX)
+                                    InSquares, sisq, P, eps, NORM_IN, P_BLOCK, ROWS, BLOCK_N, BLOCK_K, PTX, PDL)
                 acc = _interleaved(acc, ROWS, BLOCK_N)
             else:
                 acc = _int4_product(X, sxm, pid_m, M, W, Scale, pid_n * BLOCK_N, BLOCK_N // 2, N, K, groups_each,
-                                    InSquares, sisq, P, eps, NORM_IN, P_BLOCK, ROWS, BLOCK_N, BLOCK_K, PTX)
+                                    InSquares, sisq, P, eps, NORM_IN, P_BLOCK, ROWS, BLOCK_N, BLOCK_K, PTX, PDL)
+            if RESIDUAL:  # the kernel before writes it: after the product, which holds the wait
+                res = tl.load(res_at, mask=res_ok, other=0.0)
             if SPLIT:  # only the last program of a tile goes on, with the whole sum
                 acc, last = _split_sum(acc, Sums, Counters, splits, ROWS, BLOCK_N)
                 row_ok = row_ok & last
@@ -481,7 +488,7 @@ if triton is not None:
                            P_BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            SPLIT: tl.constexpr, PRECISION: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr):
         # A program holds BLOCK_N / 2 rotary pairs (i, i + HEAD_DIM / 2) of one head, so it can turn them itself.
-        if PDL:  # nothing touches memory before the wait (_dependent_launch)
+        if PDL and BITS != 4:  # nothing touches memory before the wait (_dependent_launch); int4: _int4_product
             tl.extra.cuda.gdc_wait()
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         PAIRS: tl.constexpr = BLOCK_N // 2
@@ -493,19 +500,18 @@ if triton is not None:
         rows = pid_m * ROWS + tl.arange(0, ROWS)
         row_ok = rows < M
         b, t = rows // T, rows % T
-        # The epilogue's operands first, so that it does not wait on them (not timed apart). Generated tokens are
-        # text: one position on every M-RoPE axis, so every frequency turns with it.
-        angle = tl.load(Pos + rows, mask=row_ok, other=0).to(tl.float32)[:, None] * tl.load(InvFreq + i)[None, :]
-        cos, sin = tl.cos(angle), tl.sin(angle)
-        slot1 = tl.load(L1 + b, mask=row_ok, other=0) + t  # a new key's or value's slot: the length plus its index
-        slot2 = tl.load(L2 + b, mask=row_ok, other=0) + t
+        # The epilogue's operands first, so that it does not wait on them; int4: after the product, which holds the
+        # wait. Generated tokens are text: one position on every M-RoPE axis, so every frequency turns with it.
+        if BITS != 4:
+            cos, sin, slot1, slot2 = _rotary_operands(Pos, InvFreq, L1, L2, rows, row_ok, b, t, i)
         if HAS_BIAS:
             bias = tl.load(Bias + cols).to(tl.float32)
         if BITS == 4:  # the block's first halves, then its second halves; paired after
             acc = _int4_product(X, sxm, pid_m, M, W, Scale, head * HEAD_DIM + (pid_n % PER_HEAD) * PAIRS,
                                 HEAD_DIM // 2, N, K, groups_each, InSquares, sisq, P, eps, True, P_BLOCK, ROWS,
-                                BLOCK_N, BLOCK_K, PTX)
+                                BLOCK_N, BLOCK_K, PTX, PDL)
             acc = _interleaved(acc, ROWS, BLOCK_N)
+            cos, sin, slot1, slot2 = _rotary_operands(Pos, InvFreq, L1, L2, rows, row_ok, b, t, i)
             if SPLIT:  # only the last program of a tile goes on, with the whole sum
                 acc, last = _split_sum(acc, Sums, Counters, splits, ROWS, BLOCK_N)
                 row_ok = row_ok & last
@@ -537,6 +543,14 @@ if triton is not None:
                     _write_head(V2, slot2, sv2b, sv2h, sv2s, b, h, i, first, second, row_ok, HEAD_DIM)
 
     @triton.jit
+    def _rotary_operands(Pos, InvFreq, L1, L2, rows, row_ok, b, t, i):
+        # The rows' turns (cos, sin) for frequencies i, and their new keys' and values' slots in the cache and the
+        # mirror: each sequence's length plus the row's index.
+        angle = tl.load(Pos + rows, mask=row_ok, other=0).to(tl.float32)[:, None] * tl.load(InvFreq + i)[None, :]
+        return (tl.cos(angle), tl.sin(angle), tl.load(L1 + b, mask=row_ok, other=0) + t,
+                tl.load(L2 + b, mask=row_ok, other=0) + t)
+
+    @triton.jit
     def _write_head(Cache, slot, scb, sch, scs, b, h, i, first, second, row_ok, HEAD_DIM: tl.constexpr):
         # The rotary pairs (i, i + HEAD_DIM / 2) of the rows of sequences b, into head h at their slots.
         out = Cache + b[:, None] * scb + h * sch + slot[:, None] * scs + i[None, :]
@@ -552,7 +566,8 @@ def _dependent_launch(device: torch.device) -> dict:
     """Programmatic dependent launch, on Hopper and later: a kernel is placed on the GPU while the one before it
     finishes, instead of after, so that in a chain of short kernels each one's start-up overlaps the last one's
     tail. Each kernel waits (gdc_wait) until the one before has finished and its writes are visible before it
-    touches memory at all: no read of what that kernel writes, no write to what it reads. A kernel two back has then
+    touches any memory that a kernel writes: no read of what that kernel writes, no write to what it reads (an int4
+    product asks for its first weights before the wait: _int4_product). A kernel two back has then
     finished too (the one before passed its own wait), and a kernel launched without the setting (Inductor's,
     PyTorch's) waits as always. Where a kernel lets the next one in (gdc_launch_dependents) is a matter of speed
     only: the products' and attention's programs, once the next kernel's programs were waiting beside them, ran

@@ -1163,8 +1163,8 @@ def test_every_decode_kernel_compiles_for_hopper_here():
     """The kernels as a GPU compiles them: the interpreter above runs the int4 product's plain-Triton twin, never its
     inline PTX, so every launch of the decode path (bfloat16 and float32; 16-, 8- and 4-bit weights, groups of 32, 64
     and 128; split and not; both attention splits) is compiled here to sm_90 machine code, Triton's front end and
-    ptxas included, with no GPU, as a dependent launch whose first access to memory comes after its wait. What they
-    refuse differs between Triton versions: this file on a GPU checks the GPU's."""
+    ptxas included, with no GPU, as a dependent launch that reads nothing but weights before its wait and writes
+    nothing. What they refuse differs between Triton versions: this file on a GPU checks the GPU's."""
     pytest.importorskip("triton")
     run = subprocess.run([sys.executable, "-c", "import test_std; test_std.compile_the_decode_kernels_for_hopper()"],
                          cwd=HERE, env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True)
@@ -1193,14 +1193,47 @@ def compile_the_decode_kernels_for_hopper():
     for fn, signature, constants, options in launches.values():
         source = ASTSource(fn, signature, constants)
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-        if constants["PDL"]:  # a dependent launch touches no memory before its wait (kernels._dependent_launch)
+        if constants["PDL"]:  # before its wait, a dependent launch reads only weights (kernels._dependent_launch)
             ptx = compiled.asm["ptx"]
             wait = ptx.find("griddepcontrol.wait")
-            accesses = [ptx.find(op) for op in ("ld.global", "st.global", "cp.async", "atom.", "red.")]
-            assert 0 <= wait < min(at for at in accesses if at >= 0), f"{fn.__name__} {constants}"
+            assert wait >= 0, f"{fn.__name__} {constants}"
+            parameters = [n for n, kind in signature.items() if kind != "constexpr"]  # the PTX's, in order
+            read = {n for n in read_before_the_wait(ptx[:wait], fn.__name__, parameters)
+                    if signature.get(n, "*").startswith("*")}  # not the sizes and strides its addresses use
+            assert read <= {"W", "Scale", "Bias"}, f"{fn.__name__} {constants} reads {read} before its wait"
             dependent += 1
     print(f"compiled {len(launches)} launches of {len({fn for fn, *_ in launches.values()})} kernels, "
           f"{dependent} dependent")
+
+
+def read_before_the_wait(ptx: str, kernel: str, parameters: list[str]) -> set[str]:
+    """The parameters whose memory this stretch of PTX reads, each load's address followed back through the
+    registers it is computed from; an error if it writes or exchanges global memory."""
+    assert not re.search(r"\b(st\.global|cp\.async|atom|red)\.", ptx), "global memory written before the wait"
+    sources = {}  # register -> the registers and parameters its values are computed from
+    loads = []
+    for line in ptx.splitlines():
+        line = re.sub(r"^\s*@!?%p\d+\s+", "", line.strip())
+        if not line or line.startswith(("//", ".", "$")) or line in ("{", "}"):
+            continue
+        opcode, _, operands = line.partition(" ")
+        first, _, rest = operands.partition("}" if operands.lstrip().startswith("{") else ",")
+        tokens = set(re.findall(rf"%\w+\d+\b|{kernel}_param_\d+", rest))
+        for register in re.findall(r"%\w+\d+\b", first):
+            sources.setdefault(register, set()).update(tokens)
+        if opcode.startswith("ld.global"):
+            loads += re.findall(r"\[\s*(%\w+\d+)", rest)
+    read, seen, todo = set(), set(), loads
+    while todo:
+        token = todo.pop()
+        if token in seen:
+            continue
+        seen.add(token)
+        if "_param_" in token:
+            i = int(token.rsplit("_", 1)[1])
+            read.add(parameters[i] if i < len(parameters) else f"Triton's scratch parameter {i}")
+        todo += sources.get(token, ())
+    return read
 
 
 def decode_launches() -> list:
