@@ -254,8 +254,8 @@ if triton is not None:
         """float32 [ROWS, BLOCK_N]: rows pid_m * ROWS ... of x times the int4 weight's (N_W columns)
         columns first + j % (BLOCK_N / 2) + (j // (BLOCK_N / 2)) * second, j < BLOCK_N, over this program's piece of
         K (groups_each groups from program_id(2)), on the tensor cores. NORM_IN as in _product. PDL: the dependent
-        launch's wait is here, after the first two groups' weights and scales are asked for: no kernel writes them,
-        so they come in while the kernel before finishes.
+        launch's wait is here, after the first two groups' weights and scales are asked for: no kernel of a decode
+        step writes them, so they come in while the kernel before finishes.
 
         A warp takes 16 of the columns, a thread its share of their words (quant._pack). For a group with scale s
         and zero z, x . ((q - 8) s + z) = s (x . (128 + q)) + (z - 136 s) sum(x): the tensor cores add the first
@@ -454,7 +454,7 @@ if triton is not None:
             else:
                 acc = _int4_product(X, sxm, pid_m, M, W, Scale, pid_n * BLOCK_N, BLOCK_N // 2, N, K, groups_each,
                                     InSquares, sisq, P, eps, NORM_IN, P_BLOCK, ROWS, BLOCK_N, BLOCK_K, PTX, PDL)
-            if RESIDUAL:  # the kernel before writes it: after the product, which holds the wait
+            if RESIDUAL:  # an earlier kernel writes it: after the product, which holds the wait
                 res = tl.load(res_at, mask=res_ok, other=0.0)
             if SPLIT:  # only the last program of a tile goes on, with the whole sum
                 acc, last = _split_sum(acc, Sums, Counters, splits, ROWS, BLOCK_N)
@@ -501,7 +501,8 @@ if triton is not None:
         row_ok = rows < M
         b, t = rows // T, rows % T
         # The epilogue's operands first, so that it does not wait on them; int4: after the product, which holds the
-        # wait. Generated tokens are text: one position on every M-RoPE axis, so every frequency turns with it.
+        # wait (the bias, a weight, before it). Generated tokens are text: one position on every M-RoPE axis, so
+        # every frequency turns with it.
         if BITS != 4:
             cos, sin, slot1, slot2 = _rotary_operands(Pos, InvFreq, L1, L2, rows, row_ok, b, t, i)
         if HAS_BIAS:
@@ -566,12 +567,12 @@ def _dependent_launch(device: torch.device) -> dict:
     """Programmatic dependent launch, on Hopper and later: a kernel is placed on the GPU while the one before it
     finishes, instead of after, so that in a chain of short kernels each one's start-up overlaps the last one's
     tail. Each kernel waits (gdc_wait) until the one before has finished and its writes are visible before it
-    touches any memory that a kernel writes: no read of what that kernel writes, no write to what it reads (an int4
-    product asks for its first weights before the wait: _int4_product). A kernel two back has then
-    finished too (the one before passed its own wait), and a kernel launched without the setting (Inductor's,
-    PyTorch's) waits as always. Where a kernel lets the next one in (gdc_launch_dependents) is a matter of speed
-    only: the products' and attention's programs, once the next kernel's programs were waiting beside them, ran
-    slower (BENCHMARKS.md, section 8)."""
+    touches any memory that the step's kernels write: no read of what that kernel writes, no write to what it reads
+    (an int4 product asks for its first weights before the wait: _int4_product). A kernel two back has then finished
+    too (the one before passed its own wait), and a kernel launched without the setting (Inductor's, PyTorch's)
+    waits as always. Where a kernel lets the next one in (gdc_launch_dependents) is a matter of speed only: the
+    products' and attention's programs, once the next kernel's programs were waiting beside them, ran slower
+    (BENCHMARKS.md, section 8)."""
     on = not _interpreting() and _has_dependent_launch(device)
     return dict(PDL=on, launch_pdl=on)
 

@@ -1134,25 +1134,28 @@ def test_torch_compile_calls_each_launch_as_it_is(monkeypatch):
             assert split and all(kw["maxnreg"] == kernels.INT4_SPLIT_REGISTERS for kw in split)
 
 
-@pytest.fixture
-def row_invariant_dot(monkeypatch):
+def row_invariant_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
     """Triton's interpreter multiplies tiles with numpy's matmul, and OpenBLAS on some CPUs rounds a row differently
-    by where it sits in the tile; a tensor-core product does not (this file's bitwise tests on a GPU). So on the CPU
-    the products go through numpy's einsum, which sums every row alike, wherever it sits."""
-    if torch.cuda.is_available():
-        return
+    by where it sits in the tile; a tensor-core product does not (this file's bitwise tests on a GPU). For the
+    interpreter's bitwise tests, its tl.dot through numpy's einsum instead, which sums every row alike."""
     import numpy as np
-    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+    from triton.runtime.interpreter import TensorHandle
 
-    def dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        product = np.einsum("...mk,...kn->...mn", a.data.astype(d.data.dtype), b.data.astype(d.data.dtype))
-        return TensorHandle(product + d.data, d.dtype.scalar)
+    product = np.einsum("...mk,...kn->...mn", a.data.astype(d.data.dtype), b.data.astype(d.data.dtype))
+    return TensorHandle(product + d.data, d.dtype.scalar)
 
-    monkeypatch.setattr(InterpreterBuilder, "create_dot", dot)
+
+@pytest.fixture
+def interpreter_sums_rows_alike(monkeypatch):
+    if not torch.cuda.is_available():
+        from triton.runtime.interpreter import InterpreterBuilder
+
+        monkeypatch.setattr(InterpreterBuilder, "create_dot", row_invariant_dot)
 
 
 @pytest.mark.parametrize("bits", [16, 8])
-def test_a_verify_pass_equals_one_token_steps_bit_for_bit(bits, monkeypatch, row_invariant_dot):
+@pytest.mark.usefixtures("interpreter_sums_rows_alike")
+def test_a_verify_pass_equals_one_token_steps_bit_for_bit(bits, monkeypatch):
     """Batch invariance: the logits and keys/values of tokens run together (a verify pass; a batch) are bitwise those
     of the same tokens run one at a time, alone. This is what makes speculative decoding lossless in bfloat16. On a
     Hopper GPU the tokens alone run without dependent launches (kernels._dependent_launch): overlapping a kernel's
@@ -1216,10 +1219,9 @@ def compile_the_decode_kernels_for_hopper():
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
         if constants["PDL"]:  # before its wait, a dependent launch reads only weights (kernels._dependent_launch)
             ptx = compiled.asm["ptx"]
-            wait = ptx.find("griddepcontrol.wait")
-            assert wait >= 0, f"{fn.__name__} {constants}"
+            assert "griddepcontrol.wait" in ptx, f"{fn.__name__} {constants}"
             parameters = [n for n, kind in signature.items() if kind != "constexpr"]  # the PTX's, in order
-            read = {n for n in read_before_the_wait(ptx[:wait], fn.__name__, parameters)
+            read = {n for n in read_before_the_wait(ptx, fn.__name__, parameters)
                     if signature.get(n, "*").startswith("*")}  # not the sizes and strides its addresses use
             assert read <= {"W", "Scale", "Bias"}, f"{fn.__name__} {constants} reads {read} before its wait"
             dependent += 1
@@ -1228,23 +1230,32 @@ def compile_the_decode_kernels_for_hopper():
 
 
 def read_before_the_wait(ptx: str, kernel: str, parameters: list[str]) -> set[str]:
-    """The parameters whose memory this stretch of PTX reads, each load's address followed back through the
-    registers it is computed from; an error if it writes or exchanges global memory."""
-    assert not re.search(r"\b(st\.global|cp\.async|atom|red)\.", ptx), "global memory written before the wait"
+    """The parameters whose memory the PTX before the wait reads, each load's address followed back through the
+    registers it is computed from. An error if it writes any memory but a program's own, if it branches past the
+    wait, or if it loads from an address this cannot follow."""
+    before = ptx[: ptx.index("griddepcontrol.wait")]
+    labels = set(re.findall(r"^\s*(\$?\w+):", before, re.M))
     sources = {}  # register -> the registers and parameters its values are computed from
-    loads = []
-    for line in ptx.splitlines():
-        line = re.sub(r"^\s*@!?%p\d+\s+", "", line.strip())
-        if not line or line.startswith(("//", ".", "$")) or line in ("{", "}"):
-            continue
-        opcode, _, operands = line.partition(" ")
-        first, _, rest = operands.partition("}" if operands.lstrip().startswith("{") else ",")
-        tokens = set(re.findall(rf"%\w+\d+\b|{kernel}_param_\d+", rest))
-        for register in re.findall(r"%\w+\d+\b", first):
-            sources.setdefault(register, set()).update(tokens)
-        if opcode.startswith("ld.global"):
-            loads += re.findall(r"\[\s*(%\w+\d+)", rest)
-    read, seen, todo = set(), set(), loads
+    addresses = []
+    for line in before.splitlines():
+        for statement in line.split("//")[0].split(";"):
+            statement = re.sub(r"^\s*(\$?\w+:)?\s*(@!?\S+\s+)?", "", statement).strip()
+            if not statement or statement.startswith(".") or statement in ("{", "}"):
+                continue
+            opcode, _, operands = statement.partition(" ")
+            kind = opcode.split(".")[0]
+            own = any(space in opcode for space in (".param", ".shared", ".local", ".const"))
+            assert kind not in ("cp", "multimem") and not (kind in ("st", "red", "atom") and not own), statement
+            assert kind != "bra" or operands.strip() in labels, f"a branch past the wait: {statement}"
+            first, _, rest = operands.partition("}" if operands.lstrip().startswith("{") else ",")
+            tokens = set(re.findall(rf"%\w+\d+\b|{kernel}_param_\d+", rest))
+            for register in re.findall(r"%\w+\d+\b", first):
+                sources.setdefault(register, set()).update(tokens)
+            if kind in ("ld", "ldu", "tex") and not own:
+                address = re.search(r"\[\s*(%\w+\d+)", rest)
+                assert address, f"a load whose address is not followed: {statement}"
+                addresses.append(address.group(1))
+    read, seen, todo = set(), set(), addresses
     while todo:
         token = todo.pop()
         if token in seen:
@@ -1332,6 +1343,9 @@ def tensor_parallel_worker(rank, world, init_file, out):
 
     import tp
 
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    InterpreterBuilder.create_dot = row_invariant_dot  # this process's alone
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -1363,6 +1377,9 @@ def test_tensor_parallel_decodes_as_one_process(tmp_path):
 def tensor_parallel_invariance_worker(rank, world, init_file, out):
     import torch.distributed as dist
 
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    InterpreterBuilder.create_dot = row_invariant_dot  # this process's alone
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
