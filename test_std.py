@@ -1343,9 +1343,6 @@ def tensor_parallel_worker(rank, world, init_file, out):
 
     import tp
 
-    from triton.runtime.interpreter import InterpreterBuilder
-
-    InterpreterBuilder.create_dot = row_invariant_dot  # this process's alone
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
